@@ -1,0 +1,1 @@
+"""gmagen.backends: one package per backend, found through ``registry``."""

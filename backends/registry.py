@@ -1,0 +1,57 @@
+"""Backend name -> lazily imported module; availability with a reason.
+
+A backend is a package under ``backends/`` whose ``__init__`` defines
+``BACKEND``, an instance of ``backends.base.Backend``; registering one is one
+line here.  Importing the registry imports no backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from gmagen.errors import BackendUnavailable, UnknownBackend
+
+from .base import Availability, Backend
+
+BACKENDS: dict[str, str] = {
+    "numpy": "gmagen.backends.numpy",
+    "triton": "gmagen.backends.triton",
+    "cupy": "gmagen.backends.cupy",
+    "tvm": "gmagen.backends.tvm",
+    "torch": "gmagen.backends.torch",
+    "jax": "gmagen.backends.jax",
+}
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> Backend | Availability:
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name and BACKENDS[name].startswith(exc.name):
+            return Availability(False, f"backend {name!r} is not implemented in this version of gmagen")
+        return Availability(False, f"cannot import {exc.name!r} ({exc})")
+    return module.BACKEND
+
+
+def backend_availability(name: str) -> Availability:
+    if name not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    loaded = _load(name)
+    if isinstance(loaded, Availability):
+        return loaded
+    return loaded.availability()
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object, or UnknownBackend / BackendUnavailable saying why."""
+    avail = backend_availability(name)
+    if not avail:
+        raise BackendUnavailable(f"backend {name!r} cannot run here: {avail.reason}")
+    return _load(name)  # type: ignore[return-value]
+
+
+def available_backends() -> dict[str, Availability]:
+    """Every registered backend with whether it can run here and, if not, why."""
+    return {name: backend_availability(name) for name in BACKENDS}

@@ -36,8 +36,8 @@ def cache_dir() -> Path:
 
 
 def triton_interpret() -> str:
-    """GMAGEN_TRITON_INTERPRET: "auto" (CPU tensors run in Triton's interpreter),
-    "1" (always interpret), "0" (never: CPU tensors are an error)."""
+    """GMAGEN_TRITON_INTERPRET: "auto" (Triton's interpreter when there is no CUDA
+    device), "1" (always interpret, CPU tensors), "0" (never)."""
     value = _get("GMAGEN_TRITON_INTERPRET", "auto").lower()
     return value if value in ("auto", "0", "1") else "auto"
 

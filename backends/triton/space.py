@@ -1,0 +1,68 @@
+"""Tile knobs per plan kind, the default heuristic, and validity checks.
+
+The autotuner (its own issue) searches these; ``default_config`` is what runs
+when nothing is tuned.  Knobs:
+
+  block_n      tokens per tile (the chunk length C of the causal scan)
+  block_d      D chunk per logits product (power of two >= 16)
+  block_dv     Dv columns per program (a grid axis when Dv > block_dv)
+  num_warps, num_stages   Triton launch options
+  segments     programs per (b, h) along N; 0 = enough to fill the GPU
+  decode_max_n causal calls with N <= this use the decoding kernel
+"""
+
+from __future__ import annotations
+
+from gmagen.config import Config
+from gmagen.errors import OptionError
+
+KNOBS: dict[str, dict[str, tuple]] = {
+    "responsibility": {"block_n": (16, 32, 64, 128), "block_d": (16, 32, 64, 128),
+                       "num_warps": (2, 4, 8)},
+    "write": {"block_n": (16, 32, 64, 128, 256), "block_d": (16, 32, 64, 128),
+              "block_dv": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4),
+              "segments": ()},
+    "read": {"block_n": (16, 32, 64, 128, 256), "block_d": (16, 32, 64, 128),
+             "block_dv": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4),
+             "segments": ()},
+    "scan": {"block_n": (16, 32, 64, 128), "block_d": (16, 32, 64, 128),
+             "block_dv": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3),
+             "segments": (), "decode_max_n": ()},
+}
+
+
+def pow2_at_least(x: int, lo: int = 16) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+def default_config(kind: str, D: int, Dv: int, K: int, dtype: str) -> Config:
+    """Heuristic for Hopper-class GPUs; also valid in the interpreter."""
+    big = max(D, K, Dv) > 64
+    block_d = min(pow2_at_least(D), 32 if K > 64 else 64)
+    block_dv = min(pow2_at_least(Dv), 64)
+    if kind == "responsibility":
+        return Config(block_n=64, block_d=block_d, num_warps=4)
+    cfg = {"block_n": 64, "block_d": block_d, "block_dv": block_dv,
+           "num_warps": 8 if big else 4, "num_stages": 2, "segments": 0}
+    if kind == "scan":
+        cfg.update(block_n=32 if big else 64, decode_max_n=16)
+    return Config(cfg)
+
+
+def validate(kind: str, config: Config) -> Config:
+    """Every knob known and allowed for ``kind``; raises naming the knob."""
+    knobs = KNOBS[kind]
+    for key, value in config.items():
+        if key not in knobs:
+            raise OptionError(f"triton {kind} kernel has no config knob {key!r}; knobs: "
+                              + ", ".join(sorted(knobs)))
+        allowed = knobs[key]
+        if allowed and value not in allowed:
+            raise OptionError(f"triton {kind} config {key}={value!r} is not allowed; expected one "
+                              f"of {allowed}")
+        if not allowed and (not isinstance(value, int) or value < 0):
+            raise OptionError(f"triton {kind} config {key}={value!r}: expected an int >= 0")
+    return config

@@ -156,10 +156,10 @@ def _to_logical(a: np.ndarray, layout: str) -> np.ndarray:
 def run(program: Program, inputs: dict[str, object]) -> dict[str, object]:
     """Interpret ``program`` on NumPy inputs (missing optional inputs: absent).
 
-    Token tensors (rank-4 role "token" inputs, and every rank-4 tensor result)
-    are read and written in ``program.layout``. Returns every output and the
-    state (if the program names one), tensors as float64 arrays and memories
-    as (S, n) pairs."""
+    Per-token tensors (every rank-4 tensor, input or result: q, k, v,
+    responsibilities) are read and written in ``program.layout``. Returns every
+    output and the state (if the program names one), tensors as float64 arrays
+    and memories as (S, n) pairs."""
     types = verify(program)
     env: dict[str, object] = {}
     for inp in program.inputs:
@@ -171,7 +171,7 @@ def run(program: Program, inputs: dict[str, object]) -> dict[str, object]:
             continue
         if isinstance(inp.type, MemoryType):
             env[inp.name] = (_f64(value[0]), _f64(value[1]))  # type: ignore[index]
-        elif inp.role == "token" and inp.type.rank == 4:
+        elif inp.type.rank == 4:  # per-token [B, N, H, X], whatever its role
             env[inp.name] = _to_logical(np.asarray(value), program.layout)
         else:
             env[inp.name] = np.asarray(value)

@@ -112,7 +112,8 @@ def parse(text: str) -> Program:
                 raise ParseError(f"line {lineno}: {exc}") from None
             inputs.append(Input(vname, vtype, role, bool(opt)))
         elif line.startswith("return"):
-            outputs = tuple(v.strip().lstrip("%") for v in line[len("return"):].split(","))
+            outputs = tuple(v.strip().lstrip("%") for v in line[len("return"):].split(",")
+                            if v.strip())
         elif line.startswith("state"):
             state = line[len("state"):].strip().lstrip("%")
         else:

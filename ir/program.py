@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
+
+from gmagen.errors import ParseError
 
 from . import ops as _ops
 from .types import LAYOUTS, ValueType, type_from_json
 
+FORMAT = "gmagen.program/1"
 # What an input is for; the compiled Kernel uses it to map call arguments.
 ROLES = ("token", "mixture", "mask", "state", "seqlens", "responsibility")
+
+
+def _canonical_attrs(op: _ops.Op) -> dict[str, Any]:
+    """Attributes with float fields as floats: eps=0 and eps=0.0 compare equal, so
+    they must serialize (and hash) the same."""
+    out = _ops.attrs(op)
+    for f in fields(op):
+        value = out.get(f.name)
+        if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+            out[f.name] = float(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,12 @@ class Program:
     # -- serialisation ---------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": "gmagen.program/1",
+            "format": FORMAT,
             "name": self.name,
             "layout": self.layout,
             "inputs": [i.to_json() for i in self.inputs],
             "ops": [{"op": _ops.op_name(op), **_ops.results(op), **_ops.operands(op),
-                     **_ops.attrs(op)} for op in self.ops],
+                     **_canonical_attrs(op)} for op in self.ops],
             "outputs": list(self.outputs),
             "state": self.state,
         }
@@ -99,11 +113,19 @@ class Program:
     def from_json(cls, data: dict[str, Any] | str) -> "Program":
         if isinstance(data, str):
             data = json.loads(data)
+        if data.get("format", FORMAT) != FORMAT:
+            raise ParseError(f"program JSON has format {data['format']!r}, expected {FORMAT!r}")
         ops = []
-        for entry in data["ops"]:
+        for i, entry in enumerate(data["ops"]):
             entry = dict(entry)
-            op_cls = _ops.OPS[entry.pop("op")]
-            ops.append(op_cls(**entry))
+            name = entry.pop("op", None)
+            if name not in _ops.OPS:
+                raise ParseError(f"program JSON op {i}: unknown op {name!r}, expected one of "
+                                 f"{tuple(_ops.OPS)}")
+            try:
+                ops.append(_ops.OPS[name](**entry))
+            except TypeError as exc:
+                raise ParseError(f"program JSON op {i} ({name}): {exc}") from None
         inputs = tuple(Input(i["name"], type_from_json(i["type"]), i.get("role", "token"),
                              bool(i.get("optional", False))) for i in data["inputs"])
         return cls(data["name"], inputs, tuple(ops), tuple(data["outputs"]),

@@ -7,7 +7,7 @@ compared symbolically: a dim matches only the same symbol or the same int.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from gmagen.errors import VerifyError
 
@@ -160,14 +160,40 @@ _CHECKS: dict[type, Callable[[_OpChecker], dict[str, ValueType]]] = {
 }
 
 
+def _check_packing(op: _ops.Op, name: str, packed_by: dict[str, Optional[str]]) -> None:
+    """A memory written from packed sequences has one row per sequence (S), not per
+    batch entry: whoever reads or continues it must use the same cu_seqlens."""
+    if isinstance(op, _ops.SlotWrite):
+        packed_by[op.out] = op.cu_seqlens
+    elif isinstance(op, _ops.CausalScan):
+        packed_by[op.state_out] = op.cu_seqlens
+    field = {_ops.SlotRead: "memory", _ops.CausalScan: "initial_state"}.get(type(op))
+    memory = getattr(op, field) if field else None
+    if memory in packed_by and packed_by[memory] != op.cu_seqlens:
+        wrote, reads = (f"%{v}" if v else "none" for v in (packed_by[memory], op.cu_seqlens))
+        raise VerifyError(f"{name}: operand {field}=%{memory} was written with cu_seqlens="
+                          f"{wrote}, but this op has cu_seqlens={reads}; pass the same "
+                          f"cu_seqlens to both")
+
+
+def _check_name(where: str, what: str, name: object) -> None:
+    """Names reach the text form (``%name``) and generated source: ASCII identifiers only."""
+    if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+        raise VerifyError(f"{where}: {what} {name!r} is not an identifier "
+                          f"(letters, digits and _, not starting with a digit)")
+
+
 def verify(program: Program) -> dict[str, ValueType]:
     """Check ``program``; return the type of every value (inputs and results)."""
     where = f"program {program.name!r}"
+    _check_name(where, "the program name", program.name)
     if program.layout not in LAYOUTS:
         raise VerifyError(f"{where}: layout={program.layout!r}, expected one of {LAYOUTS}")
     env: dict[str, ValueType] = {}
     optional_inputs: set[str] = set()
+    packed_by: dict[str, Optional[str]] = {}  # memory -> cu_seqlens it was written with
     for inp in program.inputs:
+        _check_name(where, "input name", inp.name)
         if inp.name in env:
             raise VerifyError(f"{where}: input %{inp.name} is declared twice")
         if inp.role not in ROLES:
@@ -191,10 +217,14 @@ def verify(program: Program) -> dict[str, ValueType]:
                 raise VerifyError(f"{name}: operand {field}=%{value} is an optional input, "
                                   f"but {field} is a required operand")
         new = _CHECKS[type(op)](_OpChecker(op, env))
-        for value in new:
-            if value in env:
+        # from the op's fields, not ``new``: a dict would hide y == state (SSA)
+        defined = list(_ops.results(op).values())
+        for value in defined:
+            _check_name(name, "result name", value)
+            if value in env or defined.count(value) > 1:
                 raise VerifyError(f"{name}: result %{value} is defined twice (SSA)")
         env.update(new)
+        _check_packing(op, name, packed_by)
     if not program.outputs:
         raise VerifyError(f"{where}: no outputs")
     for out in program.outputs + ((program.state,) if program.state else ()):

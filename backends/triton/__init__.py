@@ -53,7 +53,7 @@ class TritonBackend(Backend):
     native = "torch"
     dtypes = ("f32", "f16", "bf16")
     cpu_dtypes = ("f32",)  # the interpreter does not do 16-bit arithmetic faithfully
-    options = {"precision": ("ieee", "tf32")}
+    options = {"precision": ("ieee", "tf32x3", "tf32")}
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]

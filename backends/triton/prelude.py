@@ -53,6 +53,12 @@ class Shape:
     def mask_dv(self) -> bool:
         return self.Dv % self.block_dv != 0
 
+    @property
+    def streamed(self) -> bool:
+        """Coefficients too large to stay resident (D x K past 64 x 128 floats per
+        matrix: a D=K=256 head needs 512 KB): reload each D chunk per tile."""
+        return self.D * self.block_k > 8192
+
 
 class Code:
     """Indented source lines."""
@@ -88,7 +94,7 @@ def header(kernel_name: str, description: str, variant: dict, config: dict) -> s
     lines.append("# variant: " + ", ".join(f"{k}={v}" for k, v in variant.items()))
     lines.append("# config:  " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     return "\n".join(lines) + "\nimport triton\nimport triton.language as tl\n\n" \
-        f"LOG2E: tl.constexpr = {LOG2E!r}\n\n"
+        f"LOG2E = tl.constexpr({LOG2E!r})\n\n"
 
 
 def mixture_args(m: str, covariance: str) -> list[str]:
@@ -114,9 +120,32 @@ def common_prologue(c: Code, s: Shape) -> None:
         c(f"dk_ok{i} = " + (f"d_ok{i}[:, None] & k_ok[None, :]" if s.mask_d else "k_ok[None, :]"))
 
 
+def _coefficients(c: Code, m: str, covariance: str, i: int, with_c: bool) -> None:
+    """D chunk ``i`` of mixture ``m``: ``{m}_b{i}`` (and ``{m}_a{i}`` for diag)
+    [BLOCK_D, BLOCK_K]; with ``with_c``, also subtract its share of ``{m}_c``."""
+    mu = f"{m}_mu{i}"
+    c(f"{mu} = tl.load({m}_mean_ptr + h * {m}_mean_sh + offs_k[None, :] * {m}_mean_sk"
+      f" + offs_d{i}[:, None] * {m}_mean_sd, mask=dk_ok{i}, other=0.0).to(tl.float32)"
+      f"  # [BLOCK_D, BLOCK_K]")
+    if covariance == "diag":
+        c(f"{m}_rho{i} = tl.load({m}_lv_ptr + h * {m}_lv_s0 + offs_k[None, :] * {m}_lv_s1"
+          f" + offs_d{i}[:, None] * {m}_lv_s2, mask=dk_ok{i}, other=0.0).to(tl.float32)",
+          f"{m}_prec{i} = tl.exp(-{m}_rho{i})",
+          f"{m}_a{i} = (-0.5 * LOG2E) * {m}_prec{i}  # multiplies x*x")
+        prec = f"{m}_prec{i}"
+        if with_c:
+            c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec} + {m}_rho{i}, axis=0)")
+    else:
+        prec = f"{m}_prec[None, :]" if covariance == "spherical" else f"{m}_prec"
+        if with_c:
+            c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec}, axis=0)")
+    c(f"{m}_b{i} = {mu} * {prec} * LOG2E  # multiplies x")
+
+
 def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
     """Coefficients of mixture ``m`` for head ``h``: ``{m}_c`` [BLOCK_K], and per D
-    chunk ``{m}_b{i}`` (and ``{m}_a{i}`` for diag) [BLOCK_D, BLOCK_K]."""
+    chunk ``{m}_b{i}`` (and ``{m}_a{i}`` for diag) [BLOCK_D, BLOCK_K] unless the
+    shape is ``streamed`` (then ``responsibilities`` reloads them per tile)."""
     c(f"# mixture {m}: coefficients of the expanded logits, base 2 ({covariance} covariance)")
     c(f"{m}_c = tl.load({m}_logit_ptr + h * {m}_logit_sh + offs_k * {m}_logit_sk, "
       f"mask=k_ok, other=0.0).to(tl.float32)")
@@ -130,21 +159,7 @@ def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
         c(f"{m}_prec = tl.exp(-tl.load({m}_lv_ptr + h * {m}_lv_s0).to(tl.float32))",
           "# the x.x and rho terms are equal for every k and cancel in the softmax")
     for i in range(s.d_chunks):
-        mu = f"{m}_mu{i}"
-        c(f"{mu} = tl.load({m}_mean_ptr + h * {m}_mean_sh + offs_k[None, :] * {m}_mean_sk"
-          f" + offs_d{i}[:, None] * {m}_mean_sd, mask=dk_ok{i}, other=0.0).to(tl.float32)"
-          f"  # [BLOCK_D, BLOCK_K]")
-        if covariance == "diag":
-            c(f"{m}_rho{i} = tl.load({m}_lv_ptr + h * {m}_lv_s0 + offs_k[None, :] * {m}_lv_s1"
-              f" + offs_d{i}[:, None] * {m}_lv_s2, mask=dk_ok{i}, other=0.0).to(tl.float32)",
-              f"{m}_prec{i} = tl.exp(-{m}_rho{i})",
-              f"{m}_a{i} = (-0.5 * LOG2E) * {m}_prec{i}  # multiplies x*x",
-              f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {m}_prec{i} + {m}_rho{i}, axis=0)")
-            prec = f"{m}_prec{i}"
-        else:
-            prec = f"{m}_prec[None, :]" if covariance == "spherical" else f"{m}_prec"
-            c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec}, axis=0)")
-        c(f"{m}_b{i} = {mu} * {prec} * LOG2E  # multiplies x")
+        _coefficients(c, m, covariance, i, with_c=True)  # streamed: only c stays live
     c(f"{m}_c = tl.where(k_ok, {m}_c * LOG2E, float('-inf'))")
 
 
@@ -154,7 +169,10 @@ def token_base(c: Code, t: str) -> None:
 
 
 def load_tokens(c: Code, t: str, s: Shape, rows: str = "rows", n_ok: str = "n_ok") -> None:
-    """``{t}{i}`` [BLOCK_N, BLOCK_D] float32 for each D chunk of the token rows."""
+    """``{t}{i}`` [BLOCK_N, BLOCK_D] float32 for each D chunk of the token rows
+    (streamed shapes load their chunks inside ``responsibilities``)."""
+    if s.streamed:
+        return
     for i in range(s.d_chunks):
         mask = f"{n_ok}[:, None] & d_ok{i}[None, :]" if s.mask_d else f"{n_ok}[:, None]"
         c(f"{t}{i} = tl.load({t}_base + {rows}[:, None] * {t}_sn + offs_d{i}[None, :] * {t}_sd, "
@@ -163,6 +181,43 @@ def load_tokens(c: Code, t: str, s: Shape, rows: str = "rows", n_ok: str = "n_ok
 
 def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, s: Shape) -> None:
     """``{r}`` [BLOCK_N, BLOCK_K] float32: softmax over k of the logits of ``{t}*``."""
+    if s.streamed:
+        _streamed_logits(c, r, t, m, covariance, s)
+    else:
+        _resident_logits(c, r, t, m, covariance, s)
+    c(f"{r} = tl.exp2({r} - tl.max({r}, 1)[:, None])",
+      f"{r} = {r} * (1.0 / tl.sum({r}, 1))[:, None]")
+
+
+def _streamed_logits(c: Code, r: str, t: str, m: str, covariance: str, s: Shape) -> None:
+    """A run-time loop over D chunks (one shared-memory buffer, reused), loading
+    the token chunk and the coefficients of that chunk each time."""
+    c(f"{r} = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)")
+    if covariance == "spherical":
+        c(f"{t}_xx = tl.zeros([BLOCK_N], dtype=tl.float32)")
+    c("for d0 in range(0, D, BLOCK_D):")
+    c.indent()
+    c("offs_dS = d0 + tl.arange(0, BLOCK_D)", "d_okS = offs_dS < D",
+      "dk_okS = d_okS[:, None] & k_ok[None, :]",
+      f"{t}S = tl.load({t}_base + rows[:, None] * {t}_sn + offs_dS[None, :] * {t}_sd, "
+      f"mask=n_ok[:, None] & d_okS[None, :], other=0.0).to(tl.float32)")
+    text = Code()
+    _coefficients(text, m, covariance, 0, with_c=False)
+    c(*[ln.replace("offs_d0", "offs_dS").replace("dk_ok0", "dk_okS").replace(f"{m}_mu0", f"{m}_muS")
+        .replace(f"{m}_rho0", f"{m}_rhoS").replace(f"{m}_prec0", f"{m}_precS")
+        .replace(f"{m}_a0", f"{m}_aS").replace(f"{m}_b0", f"{m}_bS") for ln in text.lines])
+    c(f"{r} += tl.dot({t}S, {m}_bS, input_precision=LOGIT_PRECISION)")
+    if covariance == "diag":
+        c(f"{r} += tl.dot({t}S * {t}S, {m}_aS, input_precision=LOGIT_PRECISION)")
+    if covariance == "spherical":
+        c(f"{t}_xx += tl.sum({t}S * {t}S, 1)")
+    c.dedent()
+    c(f"{r} += {m}_c[None, :]  # logits, base 2")
+    if covariance == "spherical":
+        c(f"{r} += {t}_xx[:, None] * {m}_asq[None, :]")
+
+
+def _resident_logits(c: Code, r: str, t: str, m: str, covariance: str, s: Shape) -> None:
     terms = [f"{m}_c[None, :]"]
     for i in range(s.d_chunks):
         terms.append(f"tl.dot({t}{i}, {m}_b{i}, input_precision=LOGIT_PRECISION)")
@@ -172,8 +227,6 @@ def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, s: Shape)
     if covariance == "spherical":
         xx = " + ".join(f"tl.sum({t}{i} * {t}{i}, 1)" for i in range(s.d_chunks))
         c(f"{r} += ({xx})[:, None] * {m}_asq[None, :]")
-    c(f"{r} = tl.exp2({r} - tl.max({r}, 1)[:, None])",
-      f"{r} = {r} * (1.0 / tl.sum({r}, 1))[:, None]")
 
 
 def kernel_start(c: Code, name: str, params: list[str], grid_doc: str) -> None:

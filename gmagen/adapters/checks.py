@@ -176,7 +176,9 @@ def bind(program: Program, args: Mapping[str, Any], layout: str,
         value = args[inp.name]
         if isinstance(inp.type, MemoryType):
             continue
-        is_token = inp.role == "token" and inp.type.rank == 4
+        # every rank-4 tensor is per token ([B, N, H, X]: q/k/v, and responsibilities
+        # passed back in), so the layout applies to it as it does to rank-4 results
+        is_token = inp.type.rank == 4
         binder.bind_shape(inp.name, tuple(value.shape), inp.type.shape,
                           _LAYOUT_AXES[layout] if is_token else None)
     if "S1" in binder.dims:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install what is missing, run the GPU tests against the
+# oracle, run the benchmark, write everything under $OUT (JSON + logs).
+#
+#   bash scripts/gpu_run.sh [all|tests|bench|quick|explore]     (OUT defaults to ./gpu_out)
+#
+# Through the device tool: run(command="bash scripts/gpu_run.sh all").
+set -uo pipefail
+mode="${1:-all}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GMAGEN_CACHE_DIR="${GMAGEN_CACHE_DIR:-/tmp/gmagen-cache}"
+export GMAGEN_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+PY=python3
+
+# gmagen itself: the machine has numpy, torch, triton, cupy, pytest, hypothesis, rich
+# and no network, so install without dependencies or build isolation.
+if ! $PY -c "import gmagen.ir" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+status=0
+if [[ "$mode" == all || "$mode" == tests || "$mode" == quick ]]; then
+  sel=""
+  [[ "$mode" == quick ]] && sel="-k bidir-row-diag or causal-row-diag or benchmark_lengths or deterministic"
+  [[ -n "${TEST_FILTER:-}" ]] && sel="-k $TEST_FILTER"
+  # 8 workers: Triton compiles and the float64 oracle are CPU-bound
+  GMAGEN_GPU_RESULTS="/tmp/gpu_tests.json" timeout "${TEST_TIMEOUT:-400}" $PY -m pytest tests/gpu -q -n 8 -p no:cacheprovider \
+      ${sel:+-k "${sel#-k }"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  status=${PIPESTATUS[0]}
+  $PY -c "import glob, json; json.dump([r for f in sorted(glob.glob('/tmp/gpu_tests.json.*')) for r in json.load(open(f))], open('$OUT/gpu_tests.json', 'w'), indent=1)"
+  if [[ -z "${SKIP_CHECK:-}" ]]; then
+    $PY -m gmagen.cli.main check --quick >"$OUT/check.log" 2>&1
+    tail -5 "$OUT/check.log"
+  fi
+fi
+if [[ "$mode" == all || "$mode" == bench ]]; then
+  timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/bench_triton.py --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [[ "$mode" == explore ]]; then
+  timeout 420 $PY benchmarks/explore_triton.py 65536 "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -60
+fi
+if [[ "$mode" == quick ]]; then
+  timeout 240 $PY benchmarks/bench_triton.py --out "$OUT/bench.json" --impls gmagen-triton \
+      --decode-batches 16 --decode-contexts 4096 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+exit $status

@@ -1,0 +1,1 @@
+"""CPU tests of the Triton backend (Triton's interpreter) against the numpy oracle."""

@@ -29,10 +29,15 @@ def _load(name: str) -> Backend | Availability:
     try:
         module = importlib.import_module(BACKENDS[name])
     except ModuleNotFoundError as exc:
-        if exc.name and BACKENDS[name].startswith(exc.name):
+        if exc.name == BACKENDS[name]:
             return Availability(False, f"backend {name!r} is not implemented in this version of gmagen")
         return Availability(False, f"cannot import {exc.name!r} ({exc})")
-    return module.BACKEND
+    except (ImportError, OSError) as exc:  # e.g. a broken shared library (libcuda, nvrtc)
+        return Availability(False, f"cannot import {BACKENDS[name]}: {exc}")
+    backend = getattr(module, "BACKEND", None)
+    if not isinstance(backend, Backend):
+        return Availability(False, f"{BACKENDS[name]} defines no BACKEND")
+    return backend
 
 
 def backend_availability(name: str) -> Availability:

@@ -58,12 +58,18 @@ def compile(program: Program, backend: str = "numpy", *,
     be = get_backend(name)
     opts = be.check_options(options)
     cfg: Any
+    plan = plan_program(program)
+    kernel_names = {k.name for k in plan.kernels}
+    # a dict keyed by kernel names ("gma_write") is per kernel; any other is one config
     if isinstance(config, Mapping) and not isinstance(config, Config) and config and all(
-            isinstance(v, (Config, Mapping, str)) for v in config.values()):
+            str(k).startswith("gma_") for k in config):
+        unknown = set(config) - kernel_names
+        if unknown:
+            raise OptionError(f"config names kernels {sorted(unknown)}, but the plan of "
+                              f"{program.name} has {sorted(kernel_names)}")
         cfg = {k: as_config(v) for k, v in config.items()}
     else:
         cfg = as_config(config)
-    plan = plan_program(program)
     return Kernel(program, plan, be, cfg, opts)
 
 

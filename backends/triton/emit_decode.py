@@ -73,7 +73,7 @@ def emit(v: Variant, config: dict) -> str:
     if v.norm == "row":
         c("y = tl.sum(rq[:, None] * mem, 0) / (tl.sum(rq * nk, 0) + EPS)")
     else:
-        c("y = tl.sum((rq * tl.where(k_ok, 1.0 / (nk + EPS), 0.0))[:, None] * mem, 0)")
+        c("y = tl.sum((rq * tl.where(k_ok, 1.0 / (tl.where(k_ok, nk, 1.0) + EPS), 0.0))[:, None] * mem, 0)")
     c("tl.store(y_base + row * y_sn + offs_dv * y_sd, y.to(y_ptr.dtype.element_ty), mask=dv_ok)")
     c.dedent()
     c(f"tl.store(st_ptr + bh64 * st_sbh + offs_k[:, None] * st_sk + offs_dv[None, :] * st_sdv, "

@@ -29,7 +29,7 @@ def emit(v: Variant, config: dict) -> str:
       ".to(tl.float32)",
       "mem_op = mem.to(WIDE_DT)")
     if v.norm == "slot":
-        c("inv_n = tl.where(k_ok, 1.0 / (nk + EPS), 0.0)  # slot norm: 1 / (n_k + eps)")
+        c("inv_n = tl.where(k_ok, 1.0 / (tl.where(k_ok, nk, 1.0) + EPS), 0.0)  # slot norm: 1 / (n_k + eps)")
     token_base(c, "q")
     token_base(c, "y")
     c("p = tl.program_id(1)",

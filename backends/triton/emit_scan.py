@@ -83,7 +83,7 @@ def emit(v: Variant, config: dict) -> str:
           "y = num / den[:, None]")
     else:
         c("n_incl = nk[None, :] + tl.cumsum(rk, 0)  # n_k(i), inclusive",
-          "w = rq * tl.where(k_ok[None, :], 1.0 / (n_incl + EPS), 0.0)  # slot norm weights",
+          "w = rq * tl.where(k_ok[None, :], 1.0 / (tl.where(k_ok[None, :], n_incl, 1.0) + EPS), 0.0)  # slot norm weights",
           "att = tl.dot(w.to(WIDE_DT), tl.trans(rk.to(WIDE_DT)), input_precision=DATA_PRECISION)",
           "att = tl.where(causal, att, 0.0)",
           "y = tl.dot(att.to(WIDE_DT), vt.to(WIDE_DT), input_precision=DATA_PRECISION)",

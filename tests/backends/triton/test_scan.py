@@ -83,6 +83,28 @@ def test_scan_segments_dv_blocks(norm, rng, gma_ref, tri):
               initial_state=tri.init_state(rng, B, H, K, Dv))
 
 
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_scan_streamed(covariance, rng, gma_ref, tri):
+    """D x BLOCK_K past 8192 floats: the logits loop over D chunks at run time
+    (prelude's streamed path), through segment partials and the scan."""
+    B, N, H, D, Dv, K = 2, 70, 3, 130, 20, 65
+    inputs = tri.make_case(rng, gma_ref, (B, N, H, D, Dv, K), covariance, True)
+    config = tri.scan_config(block_n=16, segments=3)
+    tri.check(gma_ref, True, "slot", covariance, inputs, config=config,
+              initial_state=tri.init_state(rng, B, H, K, Dv))
+    assert "for d0 in range(0, D, BLOCK_D):" in tri.kernel(
+        True, "slot", covariance, config=config).source
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("N", [9, 63], ids=["decode-N9", "chunked-N63"])
+def test_scan_eps(norm, N, rng, gma_ref, tri):
+    """A non-default eps reaches both generated kernels (EPS is a constant of the source)."""
+    B, _, H, D, Dv, K = BASE
+    inputs = tri.make_case(rng, gma_ref, (B, N, H, D, Dv, K), "diag", True)
+    tri.check(gma_ref, True, norm, "diag", inputs, eps=0.5)
+
+
 def _split(tri, kern, inputs: dict, bounds: list[int], layout: str = "bnhd", state=None):
     """y of pieces [bounds[i], bounds[i+1]) run one after another, each from the
     state the previous one returned, and the last state."""

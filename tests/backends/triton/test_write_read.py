@@ -87,6 +87,25 @@ def test_write_read_strided_qk_mixtures(rng, gma_ref, tri):
     tri.check(gma_ref, False, "slot", "spherical", inputs, qk=True)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "spherical"])
+def test_write_read_streamed(covariance, rng, gma_ref, tri):
+    """D x BLOCK_K past 8192 floats: the logits loop over D chunks at run time,
+    reloading each chunk's coefficients (prelude's streamed path)."""
+    B, N, H, D, Dv, K = 2, 40, 3, 130, 20, 65
+    inputs = tri.make_case(rng, gma_ref, (B, N, H, D, Dv, K), covariance, True)
+    tri.check(gma_ref, False, "row", covariance, inputs,
+              config=tri.bidir_config(block_n=16, segments=2))
+    assert "for d0 in range(0, D, BLOCK_D):" in tri.kernel(
+        False, "row", covariance, config=tri.bidir_config(block_n=16, segments=2)).source
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_write_read_eps(norm, rng, gma_ref, tri):
+    """A non-default eps reaches the generated kernel (EPS is a constant of the source)."""
+    inputs = tri.make_case(rng, gma_ref, tri.BASE, "diag", True)
+    tri.check(gma_ref, False, norm, "diag", inputs, eps=0.5)
+
+
 def test_write_read_outputs_fresh(rng, gma_ref, tri):
     """Outputs are new tensors each call (never a previous call's buffer)."""
     inputs = tri.make_case(rng, gma_ref, tri.BASE, "diag", True)

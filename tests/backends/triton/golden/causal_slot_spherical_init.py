@@ -239,7 +239,7 @@ def gma_scan_fwd(
         rk = tl.where(keep[:, None], rk, 0.0)  # masked keys write nothing
         vt = tl.load(v_base + rows[:, None] * v_sn + offs_dv[None, :] * v_sd, mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(DATA_DT)
         n_incl = nk[None, :] + tl.cumsum(rk, 0)  # n_k(i), inclusive
-        w = rq * tl.where(k_ok[None, :], 1.0 / (n_incl + EPS), 0.0)  # slot norm weights
+        w = rq * tl.where(k_ok[None, :], 1.0 / (tl.where(k_ok[None, :], n_incl, 1.0) + EPS), 0.0)  # slot norm weights
         att = tl.dot(w.to(WIDE_DT), tl.trans(rk.to(WIDE_DT)), input_precision=DATA_PRECISION)
         att = tl.where(causal, att, 0.0)
         y = tl.dot(att.to(WIDE_DT), vt.to(WIDE_DT), input_precision=DATA_PRECISION)
@@ -369,7 +369,7 @@ def gma_decode_fwd(
         vt = tl.load(v_base + row * v_sn + offs_dv * v_sd, mask=dv_ok, other=0.0).to(tl.float32)
         mem += rk[:, None] * vt[None, :]  # inclusive: token t sees itself
         nk += rk
-        y = tl.sum((rq * tl.where(k_ok, 1.0 / (nk + EPS), 0.0))[:, None] * mem, 0)
+        y = tl.sum((rq * tl.where(k_ok, 1.0 / (tl.where(k_ok, nk, 1.0) + EPS), 0.0))[:, None] * mem, 0)
         tl.store(y_base + row * y_sn + offs_dv * y_sd, y.to(y_ptr.dtype.element_ty), mask=dv_ok)
     tl.store(st_ptr + bh64 * st_sbh + offs_k[:, None] * st_sk + offs_dv[None, :] * st_sdv, mem, mask=k_ok[:, None] & dv_ok[None, :])
     if tl.program_id(2) == 0:

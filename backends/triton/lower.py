@@ -34,8 +34,10 @@ _KERNEL_NAMES = {"responsibility": "gma_responsibility_fwd", "write": "gma_write
                  "decode": "gma_decode_fwd"}
 
 
-# Largest D and Dv checked correct on CUDA (tests/gpu); larger heads are refused.
+# Largest sizes checked correct on CUDA (tests/gpu); larger heads are refused:
+# D = Dv = K = 256 and D = Dv = 128, K = 256 returned NaN / wrong values on an H100.
 MAX_CUDA_DIM = 128
+MAX_CUDA_K = 130
 
 
 def cdiv(a: int, b: int) -> int:
@@ -188,12 +190,12 @@ class TritonExecutable(Executable):
         K = mean.shape[1]
         Dv = env[self.main.v].shape[-1] if hasattr(self.main, "v") else (
             env[self.main.memory][0].shape[-1] if self.kind == "read" else 0)
-        if not self.interpret and max(D, Dv) > MAX_CUDA_DIM:
-            # measured on an H100: D = Dv = K = 256 compiles but returns wrong values;
-            # refuse rather than return them (issue 4's note has the details)
-            raise UnsupportedFeature(f"triton backend on CUDA: D={D}, Dv={Dv}; sizes above "
-                                     f"{MAX_CUDA_DIM} are not supported yet (checked correct up "
-                                     f"to D=128, Dv=100, K=130); use backend='numpy'")
+        if not self.interpret and (max(D, Dv) > MAX_CUDA_DIM or K > MAX_CUDA_K):
+            # refuse rather than return wrong values (issue 4's note has the details)
+            raise UnsupportedFeature(f"triton backend on CUDA: D={D}, Dv={Dv}, K={K}; D and Dv "
+                                     f"above {MAX_CUDA_DIM} or K above {MAX_CUDA_K} are not "
+                                     f"supported yet (checked correct up to D=128, Dv=100, "
+                                     f"K=130); use backend='numpy'")
         dims = (D, Dv or K, K)
         if dims != self._source_dims:  # regenerate the text only for new sizes
             self.source, self._source_dims = self._sources(*dims), dims

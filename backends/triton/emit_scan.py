@@ -11,8 +11,8 @@ written to memory.  The last segment writes the final state.
 
 from __future__ import annotations
 
-from .prelude import (Code, common_prologue, dv_range, header, kernel_start, key_keep,
-                      load_tokens, mixture_args, mixture_prologue, mixtures, responsibilities,
+from .prelude import (causal_inputs, causal_start, Code, header, kernel_start, key_keep,
+                      load_tokens, mixtures, responsibilities,
                       token_args, token_base)
 from .variant import Variant
 
@@ -24,30 +24,13 @@ def emit(v: Variant, config: dict) -> str:
     mk = mixes[-1][0]
     c = Code()
     c(*v.constants(), "", "")
-    params = token_args("q") + token_args("k") + token_args("v")
-    if v.mask:
-        params += ["mask_ptr", "mask_sb", "mask_sn"]
-    for name, cov, _ in mixes:
-        params += mixture_args(name, cov)
-    if v.init:
-        params += ["s0_ptr", "s0_sb", "s0_sh", "s0_sk", "s0_sdv", "n0_ptr", "n0_sb", "n0_sh", "n0_sk"]
+    params = causal_inputs(v)
     params += ["ps_ptr", "pn_ptr"] + token_args("y")
     params += ["st_ptr", "st_sbh", "st_sk", "st_sdv", "nt_ptr", "nt_sbh", "nt_sk",
                "N", "H", "BH", "SEG", "BLOCK_N: tl.constexpr"]
     kernel_start(c, "gma_scan_fwd", params, "(B*H, segments, Dv blocks)")
-    common_prologue(c, s)
-    for name, cov, _ in mixes:
-        mixture_prologue(c, name, cov, s)
-    dv_range(c, s)
+    causal_start(c, v, s)
     tile_ok = "k_ok[:, None] & dv_ok[None, :]"
-    if v.init:
-        c(f"mem = tl.load(s0_ptr + b64 * s0_sb + h64 * s0_sh + offs_k[:, None] * s0_sk + "
-          f"offs_dv[None, :] * s0_sdv, mask={tile_ok}, other=0.0).to(tl.float32)",
-          "nk = tl.load(n0_ptr + b64 * n0_sb + h64 * n0_sh + offs_k * n0_sk, mask=k_ok, "
-          "other=0.0).to(tl.float32)")
-    else:
-        c("mem = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)",
-          "nk = tl.zeros([BLOCK_K], dtype=tl.float32)")
     c("p = tl.program_id(1)",
       "# state entering segment p: add the earlier segments' memories in order (deterministic)",
       "for pp in range(0, p):")

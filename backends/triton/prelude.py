@@ -271,3 +271,34 @@ def mixtures(v: "object") -> list[tuple[str, str, str]]:
     if v.same_mixture:  # type: ignore[attr-defined]
         return [("m", v.q_covariance, "qk")]  # type: ignore[attr-defined]
     return [("mq", v.q_covariance, "q"), ("mk", v.k_covariance, "k")]  # type: ignore[attr-defined]
+
+
+def causal_inputs(v: "object") -> list[str]:
+    """Parameters shared by the causal kernels (scan, decode): tokens, key mask,
+    mixtures, and the initial state when one is given."""
+    params = token_args("q") + token_args("k") + token_args("v")
+    if v.mask:  # type: ignore[attr-defined]
+        params += ["mask_ptr", "mask_sb", "mask_sn"]
+    for name, cov, _ in mixtures(v):
+        params += mixture_args(name, cov)
+    if v.init:  # type: ignore[attr-defined]
+        params += ["s0_ptr", "s0_sb", "s0_sh", "s0_sk", "s0_sdv", "n0_ptr", "n0_sb", "n0_sh", "n0_sk"]
+    return params
+
+
+def causal_start(c: Code, v: "object", s: Shape) -> None:
+    """Prologue of the causal kernels: indices, mixtures, Dv range, and the state
+    ``mem`` [BLOCK_K, BLOCK_DV], ``nk`` [BLOCK_K] (initial state or zeros)."""
+    common_prologue(c, s)
+    for name, cov, _ in mixtures(v):
+        mixture_prologue(c, name, cov, s)
+    dv_range(c, s)
+    if v.init:  # type: ignore[attr-defined]
+        c("mem = tl.load(s0_ptr + b64 * s0_sb + h64 * s0_sh + offs_k[:, None] * s0_sk + "
+          "offs_dv[None, :] * s0_sdv, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)"
+          ".to(tl.float32)",
+          "nk = tl.load(n0_ptr + b64 * n0_sb + h64 * n0_sh + offs_k * n0_sk, mask=k_ok, "
+          "other=0.0).to(tl.float32)")
+    else:
+        c("mem = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)",
+          "nk = tl.zeros([BLOCK_K], dtype=tl.float32)")

@@ -249,7 +249,9 @@ def kernel_start(c: Code, name: str, params: list[str], grid_doc: str) -> None:
 
 def dv_range(c: Code, s: Shape, pid_axis: int = 2) -> None:
     c(f"offs_dv = tl.program_id({pid_axis}) * BLOCK_DV + tl.arange(0, BLOCK_DV)")
-    c("dv_ok = offs_dv < DV" if s.mask_dv else "dv_ok = offs_dv < BLOCK_DV")
+    # one full block: a constant-true mask; otherwise bound by DV (later blocks start
+    # at pid * BLOCK_DV, so "< BLOCK_DV" would drop them)
+    c("dv_ok = offs_dv < DV" if s.mask_dv or s.dv_blocks > 1 else "dv_ok = offs_dv < BLOCK_DV")
 
 
 def key_keep(c: Code, mask: bool, rows: str = "rows", n_ok: str = "n_ok") -> None:

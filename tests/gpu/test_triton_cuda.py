@@ -91,12 +91,21 @@ SHAPES = [(1, 1, 1, 16, 16, 1), (2, 17, 2, 20, 33, 7), (1, 1000, 2, 96, 100, 48)
           (2, 700, 2, 128, 64, 130)]
 
 
-@pytest.mark.parametrize("D,Dv,K", [(256, 256, 256), (128, 128, 256)])
-def test_large_heads_refused(D, Dv, K):
-    """These returned wrong values / NaN on an H100: they must raise, never return them."""
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D,Dv,K", [(256, 256, 256), (128, 128, 256), (64, 128, 64)])
+def test_large_heads(D, Dv, K, causal):
+    """Heads at the spec's limits; Dv = 128 is two full block_dv programs (their second
+    block was once dropped: wrong values / NaN on an H100)."""
     rng = np.random.default_rng()
-    arrs = _cuda(_inputs(rng, 1, 64, 1, D, Dv, K, "diag", "bf16"), "bf16")
-    with pytest.raises(gmagen.errors.UnsupportedFeature, match=f"K={K}"):
+    for dtype in ("bf16", "f32"):
+        arrs = _inputs(rng, 1, 300, 2, D, Dv, K, "diag", dtype)
+        _check(gmagen.gma(causal=causal), arrs, dtype, name=f"large-{D}-{Dv}-{K}-{causal}")
+
+
+def test_k_over_256_refused():
+    rng = np.random.default_rng()
+    arrs = _cuda(_inputs(rng, 1, 64, 1, 16, 16, 257, "diag", "bf16"), "bf16")
+    with pytest.raises(gmagen.errors.UnsupportedFeature, match="K=257"):
         gmagen.compile(gmagen.gma(), backend="triton")(*arrs)
 
 

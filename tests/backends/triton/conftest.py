@@ -47,6 +47,9 @@ HARD: dict[str, tuple[dict, str, dict]] = {
     "D130-K33-streamed": ({"D": 130, "K": 33}, "", {}),
     "Dv100": ({"Dv": 100}, "", {}),               # two block_dv programs
     "Dv100-block_dv32": ({"Dv": 100}, "", {"block_dv": 32}),   # four, the last masked
+    # Dv a multiple of block_dv: two full blocks, no Dv mask (the second block
+    # was dropped on an H100 before the fix of dv_range)
+    "Dv64-block_dv32": ({"Dv": 64}, "", {"block_dv": 32}),
     # log_var ~ -8 (near one-hot) and q, k scaled by 20: the logits reach
     # ~ D * |x - mu|^2 / var / 2, ~4e4 at D = 20, and float32 resolves their
     # differences only to ~1e-3 there; near ties between two components then

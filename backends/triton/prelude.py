@@ -140,6 +140,12 @@ def _coefficients(c: Code, m: str, covariance: str, i: int, with_c: bool) -> Non
         if with_c:
             c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec}, axis=0)")
     c(f"{m}_b{i} = {mu} * {prec} * LOG2E  # multiplies x")
+    # Subtract each row's mean over the real k: a term equal for every k cancels in
+    # the softmax, and the centred coefficients (the spread of the precisions, not
+    # their size) make the float32 products several times smaller, and so their
+    # rounding error: large inputs and sharp variances stay within 1e-4.
+    for coef in ((f"{m}_a{i}", f"{m}_b{i}") if covariance == "diag" else (f"{m}_b{i}",)):
+        c(f"{coef} -= (tl.sum(tl.where(k_ok[None, :], {coef}, 0.0), 1) * (1.0 / K))[:, None]")
 
 
 def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
@@ -154,6 +160,7 @@ def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
           f"other=0.0).to(tl.float32)  # [BLOCK_K]",
           f"{m}_prec = tl.exp(-{m}_rho)",
           f"{m}_asq = (-0.5 * LOG2E) * {m}_prec  # multiplies x.x",
+          f"{m}_asq -= tl.sum(tl.where(k_ok, {m}_asq, 0.0)) * (1.0 / K)  # centred, see below",
           f"{m}_c -= 0.5 * D * {m}_rho")
     elif covariance == "shared":
         c(f"{m}_prec = tl.exp(-tl.load({m}_lv_ptr + h * {m}_lv_s0).to(tl.float32))",

@@ -125,12 +125,13 @@ def test_hard_cases(hard, causal):
     rng = np.random.default_rng()
     B, N, H, D, Dv, K = 2, 200, 2, 64, 64, 16
     for dtype in ("bf16", "f32"):
-        # float32 itself bounds these: at D=64 with log_var = -8 or inputs x20 the
-        # logits reach 1e4-1e5, so any float32 evaluation is off by ~1e-3 and y by
-        # ~1.5e-4 (measured on an H100) against the 1e-4 contract; float32 is
-        # checked at log_var = -4 and x10, 16-bit inputs at the extreme values.
+        # Sharp variances bound float32 itself: at D=64 with log_var = -8 the logits
+        # reach 1e4-1e5 and cancel between the x*x and x terms of the expanded
+        # form, so y is off by ~1e-4 against the 1e-4 contract; float32 is checked
+        # at log_var = -4 there.  Large inputs (x20) pass since the coefficients
+        # are centred over k (prelude._coefficients): 1.4e-5 in the interpreter.
         if dtype == "f32":
-            kw = {"sharp": dict(log_var_shift=-4.0), "large": dict(scale=10.0)}.get(hard, {})
+            kw = {"sharp": dict(log_var_shift=-4.0), "large": dict(scale=20.0)}.get(hard, {})
         else:
             kw = {"sharp": dict(log_var_shift=-8.0), "large": dict(scale=20.0)}.get(hard, {})
         arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype, **kw)

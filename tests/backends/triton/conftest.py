@@ -57,6 +57,9 @@ HARD: dict[str, tuple[dict, str, dict]] = {
     # one of the direct formula as well).  At D = 4 the tail stays below 1e-4.
     "sharp": ({"D": 4}, "sharp", {}),
     "large": ({"D": 4}, "large", {}),
+    # at D = 64 large inputs pass only because the coefficients are centred over k
+    # (1.7e-4 without, 1.4e-5 with, measured here)
+    "large-D64": ({"D": 64}, "large", {}),
     "fully-masked": ({}, "fully-masked", {}),     # batch row 0 has no key
     "strided": ({}, "strided", {}),               # slices and transposed views
     "bhnd": ({}, "bhnd", {}),                     # layout "bhnd"

@@ -78,6 +78,8 @@ def gma_write_fwd(
     mk_a0 = (-0.5 * LOG2E) * mk_prec0  # multiplies x*x
     mk_c -= 0.5 * tl.sum(mk_mu0 * mk_mu0 * mk_prec0 + mk_rho0, axis=0)
     mk_b0 = mk_mu0 * mk_prec0 * LOG2E  # multiplies x
+    mk_a0 -= (tl.sum(tl.where(k_ok[None, :], mk_a0, 0.0), 1) * (1.0 / K))[:, None]
+    mk_b0 -= (tl.sum(tl.where(k_ok[None, :], mk_b0, 0.0), 1) * (1.0 / K))[:, None]
     mk_c = tl.where(k_ok, mk_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV
@@ -243,6 +245,8 @@ def gma_read_fwd(
     mq_a0 = (-0.5 * LOG2E) * mq_prec0  # multiplies x*x
     mq_c -= 0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)
     mq_b0 = mq_mu0 * mq_prec0 * LOG2E  # multiplies x
+    mq_a0 -= (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]
+    mq_b0 -= (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]
     mq_c = tl.where(k_ok, mq_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV

@@ -90,6 +90,7 @@ def gma_decode_fwd(
     m_mu0 = tl.load(m_mean_ptr + h * m_mean_sh + offs_k[None, :] * m_mean_sk + offs_d0[:, None] * m_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
     m_c -= 0.5 * tl.sum(m_mu0 * m_mu0 * m_prec, axis=0)
     m_b0 = m_mu0 * m_prec * LOG2E  # multiplies x
+    m_b0 -= (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]
     m_c = tl.where(k_ok, m_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV

@@ -65,6 +65,8 @@ def gma_responsibility_fwd(
     mq_a0 = (-0.5 * LOG2E) * mq_prec0  # multiplies x*x
     mq_c -= 0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)
     mq_b0 = mq_mu0 * mq_prec0 * LOG2E  # multiplies x
+    mq_a0 -= (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]
+    mq_b0 -= (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]
     mq_c = tl.where(k_ok, mq_c * LOG2E, float('-inf'))
     q_base = q_ptr + b64 * q_sb + h64 * q_sh
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

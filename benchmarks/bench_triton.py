@@ -34,13 +34,17 @@ L2_BYTES = 50 * 2 ** 20
 def versions() -> dict:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    # GMAGEN_COMMIT first: the GPU machine gets a copy of the working tree whose git
+    # metadata may be older than the code it runs (scripts/gpu_run.sh explains)
+    commit = os.environ.get("GMAGEN_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            pass
     return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "gmagen": gmagen.__version__, "commit": commit or os.environ.get("GMAGEN_COMMIT", ""),
+            "gmagen": gmagen.__version__, "commit": commit,
             "python": sys.version.split()[0]}
 
 

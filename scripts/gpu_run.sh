@@ -10,7 +10,9 @@ mode="${1:-all}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GMAGEN_CACHE_DIR="${GMAGEN_CACHE_DIR:-/tmp/gmagen-cache}"
-export GMAGEN_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# The copy of the tree on the GPU machine may carry older git metadata than its
+# files: pass the commit in, run(command="GMAGEN_COMMIT=<sha> bash scripts/gpu_run.sh ...").
+export GMAGEN_COMMIT="${GMAGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY=python3
 
 # gmagen itself: the machine has numpy, torch, triton, cupy, pytest, hypothesis, rich

@@ -1,0 +1,1 @@
+"""Tests of the torch backend (plain torch ops) against the numpy oracle."""

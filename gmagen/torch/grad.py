@@ -1,0 +1,107 @@
+"""Gradients of the canonical GMA program (``gmagen.gma``) for ``gmagen.torch.gma``.
+
+Each backend's forward runs through ``gmagen.compile``; its gradients come from:
+
+  numpy          the float64 oracle's analytic VJPs (``gmagen.ir.oracle_grad.run_vjp``)
+  torch, triton  autograd through the torch lowering (``gmagen.backends.torch.ops``),
+                 recomputing the responsibilities instead of storing them.  For
+                 triton this is the path until the Triton backward kernels land
+                 (issue 5); it runs on the inputs' device, in float32.
+
+Nothing else is saved for backward than the inputs: the forward keeps no N x K
+responsibilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("gmagen")
+
+Inputs = tuple  # (q, k, v, mean, log_var, logit, key_mask, s0, n0)
+COVARIANCE_BY_RANK = {3: "diag", 2: "spherical", 1: "shared"}
+
+
+def _logical(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, H, N, X] views as [B, N, H, X] (the lowering's logical layout); no copy."""
+    return t if layout == "bnhd" else t.transpose(1, 2)
+
+
+def forward_torch(q, k, v, mean, log_var, logit, key_mask, s0, n0, *, causal: bool, norm: str,
+                  eps: float, layout: str):
+    """y (token layout, float32/float64), S, n through the torch lowering; differentiable."""
+    from gmagen.backends.torch import ops
+
+    cov = COVARIANCE_BY_RANK[log_var.dim()]
+    ql, kl, vl = (_logical(t, layout) for t in (q, k, v))
+    rq = ops.responsibility(ql, mean, log_var, logit, cov)
+    rk = ops.responsibility(kl, mean, log_var, logit, cov)
+    if causal:
+        init = None if s0 is None else (s0, n0)
+        y, (s, n) = ops.causal_scan(rq, rk, vl, key_mask, init, None, norm, eps)
+    else:
+        s, n = ops.slot_write(rk, vl, key_mask)
+        y = ops.slot_read(rq, (s, n), None, norm, eps)
+    return _logical(y, layout), s, n
+
+
+def _vjp_torch(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.Tensor]]:
+    q, k, v, mean, log_var, logit, key_mask, s0, n0 = inputs
+    diff = [q, k, v, mean, log_var, logit, s0, n0]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in diff]
+        lq, lk, lv, lm, llv, llg, ls0, ln0 = leaves
+        y, s, n = forward_torch(lq, lk, lv, lm, llv, llg, key_mask, ls0, ln0, **attrs)
+        outs, cots = [], []
+        for out, ct in ((y, dy), (s, ds), (n, dn)):
+            if ct is not None:
+                outs.append(out)
+                cots.append(ct.to(out.dtype))
+        want = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(outs, want, cots, allow_unused=True) if outs else [None] * len(want)
+    it = iter(grads)
+    return [None if t is None else next(it) for t in leaves]
+
+
+def _vjp_oracle(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.Tensor]]:
+    from gmagen.dsl import gma
+    from gmagen.ir.oracle_grad import run_vjp
+
+    q, k, v, mean, log_var, logit, key_mask, s0, n0 = inputs
+    prog = gma(causal=attrs["causal"], norm=attrs["norm"],
+               covariance=COVARIANCE_BY_RANK[log_var.dim()], eps=attrs["eps"],
+               layout=attrs["layout"])
+
+    def np64(t):
+        return None if t is None else t.detach().cpu().double().numpy()
+
+    feed = {"q": np64(q), "k": np64(k), "v": np64(v), "mean": np64(mean),
+            "log_var": np64(log_var), "logit": np64(logit),
+            "key_mask": None if key_mask is None else key_mask.cpu().numpy()}
+    if attrs["causal"] and s0 is not None:
+        feed["initial_state"] = (np64(s0), np64(n0))
+    cts: dict = {}
+    if dy is not None:
+        cts[prog.outputs[0]] = np64(dy)
+    if ds is not None or dn is not None:
+        cts[prog.state] = (np64(ds), np64(dn))  # a None half counts as zeros
+    grads = run_vjp(prog, feed, cts)
+    init = grads.get("initial_state")
+    out = [grads.get(name) for name in ("q", "k", "v", "mean", "log_var", "logit")]
+    out += [None, None] if init is None else list(init)
+    return [None if g is None else torch.from_numpy(np.asarray(g)) for g in out]
+
+
+def vjp(backend: str, inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.Tensor]]:
+    """dL/d(q, k, v, mean, log_var, logit, s0, n0), each in its input's dtype and
+    device (None where the input is None)."""
+    fn = _vjp_oracle if backend == "numpy" else _vjp_torch
+    grads = fn(inputs, dy, ds, dn, attrs)
+    diff = [inputs[i] for i in (0, 1, 2, 3, 4, 5, 7, 8)]
+    return [None if t is None else (torch.zeros_like(t) if g is None else
+                                    g.to(device=t.device, dtype=t.dtype))
+            for t, g in zip(diff, grads)]

@@ -3,10 +3,12 @@
 Each backend's forward runs through ``gmagen.compile``; its gradients come from:
 
   numpy          the float64 oracle's analytic VJPs (``gmagen.ir.oracle_grad.run_vjp``)
-  torch, triton  autograd through the torch lowering (``gmagen.backends.torch.ops``),
-                 recomputing the responsibilities instead of storing them.  For
-                 triton this is the path until the Triton backward kernels land
-                 (issue 5); it runs on the inputs' device, in float32.
+  triton         bidirectional: the Triton backward kernels (``backends/triton/backward.py``);
+                 causal: autograd through the torch lowering, as for torch (the
+                 Triton causal backward kernels are not written yet; logged once)
+  torch          autograd through the torch lowering (``gmagen.backends.torch.ops``),
+                 recomputing the responsibilities instead of storing them, on the
+                 inputs' device, in float32
 
 Nothing else is saved for backward than the inputs: the forward keeps no N x K
 responsibilities.
@@ -96,11 +98,37 @@ def _vjp_oracle(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.
     return [None if g is None else torch.from_numpy(np.asarray(g)) for g in out]
 
 
-def vjp(backend: str, inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.Tensor]]:
+def _vjp_triton(inputs: Inputs, dy, ds, dn, attrs: dict, state) -> list[Optional[torch.Tensor]]:
+    from gmagen.backends.triton.backward import gma_backward
+
+    q, k, v, mean, log_var, logit, key_mask, _, _ = inputs
+    grads = gma_backward(q, k, v, mean, log_var, logit, key_mask, state, dy, (ds, dn),
+                         norm=attrs["norm"], eps=attrs["eps"], layout=attrs["layout"])
+    return grads + [None, None]
+
+
+_warned: set = set()
+
+
+def has_kernels(backend: str, causal: bool) -> bool:
+    """Gradients computed outside torch autograd (by an opaque custom op)."""
+    if backend == "triton" and causal and "causal" not in _warned:
+        _warned.add("causal")
+        log.info("gmagen.torch.gma: causal gradients of the triton backend run through the "
+                 "torch lowering (no Triton causal backward kernels yet)")
+    return backend == "numpy" or (backend == "triton" and not causal)
+
+
+def vjp(backend: str, inputs: Inputs, dy, ds, dn, attrs: dict,
+        state=None) -> list[Optional[torch.Tensor]]:
     """dL/d(q, k, v, mean, log_var, logit, s0, n0), each in its input's dtype and
-    device (None where the input is None)."""
-    fn = _vjp_oracle if backend == "numpy" else _vjp_torch
-    grads = fn(inputs, dy, ds, dn, attrs)
+    device (None where the input is None).  ``state``: the forward's (S, n)."""
+    if backend == "numpy":
+        grads = _vjp_oracle(inputs, dy, ds, dn, attrs)
+    elif backend == "triton" and not attrs["causal"]:
+        grads = _vjp_triton(inputs, dy, ds, dn, attrs, state)
+    else:
+        grads = _vjp_torch(inputs, dy, ds, dn, attrs)
     diff = [inputs[i] for i in (0, 1, 2, 3, 4, 5, 7, 8)]
     return [None if t is None else (torch.zeros_like(t) if g is None else
                                     g.to(device=t.device, dtype=t.dtype))

@@ -75,22 +75,23 @@ def _(q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm, eps, layout
             v.new_empty((B, H, K), dtype=sd))
 
 
-# the oracle's gradients (backend="numpy")
+# gradients from the oracle (backend="numpy") or the Triton backward kernels
 @torch.library.custom_op("gmagen::gma_backward", mutates_args=())
 def gma_backward_op(dy: Tensor, ds: Tensor, dn: Tensor, q: Tensor, k: Tensor, v: Tensor,
                     mean: Tensor, log_var: Tensor, logit: Tensor, key_mask: Optional[Tensor],
-                    s0: Optional[Tensor], n0: Optional[Tensor], causal: bool, norm: str,
-                    eps: float, layout: str, backend: str) -> list[Tensor]:
+                    s0: Optional[Tensor], n0: Optional[Tensor], s: Tensor, n: Tensor,
+                    causal: bool, norm: str, eps: float, layout: str,
+                    backend: str) -> list[Tensor]:
     """[dq, dk, dv, dmean, dlog_var, dlogit] (+ [ds0, dn0] when s0 is given)."""
     attrs = dict(causal=causal, norm=norm, eps=eps, layout=layout)
     grads = _grad.vjp(backend, (q, k, v, mean, log_var, logit, key_mask, s0, n0), dy, ds, dn,
-                      attrs)
+                      attrs, state=(s, n))
     return [g for g in grads if g is not None]
 
 
 @gma_backward_op.register_fake
-def _(dy, ds, dn, q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm, eps, layout,
-      backend):
+def _(dy, ds, dn, q, k, v, mean, log_var, logit, key_mask, s0, n0, s, n, causal, norm, eps,
+      layout, backend):
     outs = [torch.empty_like(t) for t in (q, k, v, mean, log_var, logit)]
     if s0 is not None:
         outs += [torch.empty_like(s0), torch.empty_like(n0)]
@@ -99,12 +100,13 @@ def _(dy, ds, dn, q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm,
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm, eps, layout, backend = inputs
-    ctx.save_for_backward(q, k, v, mean, log_var, logit, key_mask, s0, n0)
+    # the inputs and the O(K * Dv) state: responsibilities are recomputed in backward
+    ctx.save_for_backward(q, k, v, mean, log_var, logit, key_mask, s0, n0, output[1], output[2])
     ctx.attrs = (causal, norm, eps, layout, backend)
 
 
 def _backward(ctx, dy, ds, dn):
-    q, k, v, mean, log_var, logit, key_mask, s0, n0 = ctx.saved_tensors
+    q, k, v, mean, log_var, logit, key_mask, s0, n0, s, n = ctx.saved_tensors
     causal, norm, eps, layout, backend = ctx.attrs
     # unused outputs may come back as None: their cotangent is zero
     dy = torch.zeros_like(v) if dy is None else dy
@@ -112,9 +114,9 @@ def _backward(ctx, dy, ds, dn):
     sd = state_dtype(v)
     ds = v.new_zeros((B, H, K, Dv), dtype=sd) if ds is None else ds
     dn = v.new_zeros((B, H, K), dtype=sd) if dn is None else dn
-    if backend == "numpy":  # NumPy code: opaque to tracing, so an op of its own
+    if _grad.has_kernels(backend, causal):  # NumPy or Triton: opaque to tracing, an op
         grads = gma_backward_op(dy, ds, dn, q, k, v, mean, log_var, logit, key_mask, s0, n0,
-                                causal, norm, eps, layout, backend)
+                                s, n, causal, norm, eps, layout, backend)
     else:
         # torch ops recomputing the responsibilities, differentiated by autograd here,
         # in the backward pass (as torch.utils.checkpoint does): inside a custom op

@@ -1,0 +1,184 @@
+"""Gradients of bidirectional GMA with the Triton backward kernels (emit_backward.py).
+
+``gma_backward`` takes the forward's inputs, its state (S, n) (O(K * Dv) per
+head, what the forward saves besides its inputs) and the cotangents of y and of
+the state; it recomputes responsibilities inside the kernels and returns the
+gradients of q, k, v, mean, log_var and logit.  The mixture enters the kernels
+as dense expanded-logit coefficients, so one kernel pair serves every
+covariance kind; the chain from (dA, dBm, dc) back to (mean, log_var, logit)
+is written out in ``coefficients_vjp`` (autograd records nothing inside a custom op).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from gmagen.errors import DTypeError, UnsupportedFeature
+
+from . import emit_backward, launch, space
+from .lower import MAX_CUDA_K, cdiv, empty_tokens, logical_strides, token_shape
+from .prelude import LOG2E, Shape
+from .variant import Variant
+
+_DTYPES = {"torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16"}
+_MODULES: dict[tuple, Any] = {}
+
+
+def _rho_full(log_var: Any, H: int, K: int, D: int) -> Any:
+    return {3: lambda: log_var, 2: lambda: log_var[:, :, None].expand(H, K, D),
+            1: lambda: log_var[:, None, None].expand(H, K, D)}[log_var.dim()]()
+
+
+def coefficients(mean: Any, log_var: Any, logit: Any):
+    """A, Bm [H, K, D] and c [H, K] of l = (x*x) A^T + x Bm^T + c (GMA_SPEC),
+    A and Bm centred over k (a per-token constant cancels in the softmax and the
+    centred products round less)."""
+    H, K, D = mean.shape
+    rho = _rho_full(log_var, H, K, D)
+    prec = (-rho).exp()
+    a = -0.5 * prec
+    bm = mean * prec
+    c = logit - 0.5 * (mean * mean * prec + rho).sum(-1)
+    return a - a.mean(1, keepdim=True), bm - bm.mean(1, keepdim=True), c
+
+
+def coefficients_vjp(mean: Any, log_var: Any, g_a: Any, g_b: Any, g_c: Any):
+    """(dmean, dlog_var, dlogit) from the gradients of ``coefficients``' outputs
+    (written out: this runs inside a custom op, where autograd records nothing)."""
+    H, K, D = mean.shape
+    rho = _rho_full(log_var, H, K, D)
+    prec = (-rho).exp()
+    g_a = g_a - g_a.mean(1, keepdim=True)  # through the centring
+    g_b = g_b - g_b.mean(1, keepdim=True)
+    gc = g_c[..., None]
+    dmean = g_b * prec - gc * mean * prec
+    dprec = -0.5 * g_a + g_b * mean - 0.5 * gc * mean * mean
+    drho = -dprec * prec - 0.5 * gc
+    dlog_var = {3: lambda: drho, 2: lambda: drho.sum(-1), 1: lambda: drho.sum((1, 2))}[log_var.dim()]()
+    return dmean, dlog_var, g_c
+
+
+def _tokens(prefix: str, t: Any, layout: str) -> dict:
+    sb, sn, sh, sd = logical_strides(t, layout)
+    return {f"{prefix}_ptr": t, f"{prefix}_sb": sb, f"{prefix}_sn": sn, f"{prefix}_sh": sh,
+            f"{prefix}_sd": sd}
+
+
+def _kernel(kind: str, v: Variant, interpret: bool, config: dict):
+    key = (kind, v, interpret, tuple(sorted(config.items())))
+    if key not in _MODULES:
+        emit = emit_backward.emit_read if kind == "read" else emit_backward.emit_write
+        src = emit(v, config)
+        module = launch.load(src, interpret)
+        name = "gma_read_bwd" if kind == "read" else "gma_write_bwd"
+        _MODULES[key] = (getattr(module, name), module.__file__, src)
+    return _MODULES[key]
+
+
+def default_config(D: int, Dv: int, K: int) -> dict:
+    """Every dim resident in one program: smaller token tiles for large heads."""
+    big = max(D, Dv, K) > 64
+    return {"block_n": 16 if max(D, Dv, K) > 128 else (32 if big else 64),
+            "num_warps": 8 if big else 4, "num_stages": 1, "segments": 0}
+
+
+def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
+                 key_mask: Optional[Any], state: tuple[Any, Any], dy: Optional[Any],
+                 dstate: tuple[Optional[Any], Optional[Any]], *, norm: str = "row",
+                 eps: float = 1e-6, layout: str = "bnhd", precision: str = "",
+                 config: Optional[dict] = None) -> list[Any]:
+    """[dq, dk, dv, dmean, dlog_var, dlogit] of bidirectional GMA (torch tensors)."""
+    import torch
+
+    from . import _probe  # decided once per process, before triton is imported
+
+    ok, reason, interpret = _probe()
+    if not ok:
+        raise UnsupportedFeature(f"triton backward: {reason}")
+    dtype = _DTYPES.get(str(v.dtype))
+    if dtype is None or (interpret and dtype != "f32"):
+        raise DTypeError(f"triton backward: v has dtype {v.dtype}; expected float32"
+                         + ("" if interpret else ", float16 or bfloat16")
+                         + (" (the CPU runs Triton's interpreter)" if interpret else ""))
+    B, N, H, D = token_shape(q, layout)
+    K, Dv = mean.shape[1], v.shape[-1]
+    if not interpret and K > MAX_CUDA_K:
+        raise UnsupportedFeature(f"triton backward on CUDA: K={K}; at most {MAX_CUDA_K}")
+    cfg = {**default_config(D, Dv, K), **(config or {})}
+    bn = int(cfg["block_n"])
+    shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
+                  space.pow2_at_least(K))
+    variant = Variant("backward", shape, dtype, norm=norm, eps=float(eps),
+                      mask=key_mask is not None, precision=precision)
+    dev, f32 = q.device, torch.float32
+    BH = B * H
+    tiles = max(1, cdiv(N, bn))
+    if cfg.get("segments"):
+        P = min(int(cfg["segments"]), tiles)
+    elif interpret:
+        P = min(2, tiles)  # two partials: exercises the reduction
+    else:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        P = max(1, min(tiles, cdiv(8 * sms, BH)))
+    seg = cdiv(tiles, P) * bn
+
+    mean32, log_var32, logit32 = (t.detach().float() for t in (mean, log_var, logit))
+    a2, b2, c2 = ((t * LOG2E).contiguous() for t in coefficients(mean32, log_var32, logit32))
+    s, n = (t.detach().to(f32).reshape(BH, K, *t.shape[3:]).contiguous() for t in state)
+    dy = torch.zeros_like(v) if dy is None else dy
+    ds_ext, dn_ext = dstate
+
+    pa = torch.empty((2, P, BH, K, D), dtype=f32, device=dev)  # [queries, keys]
+    pb = torch.empty_like(pa)
+    pc = torch.empty((2, P, BH, K), dtype=f32, device=dev)
+    ps = torch.empty((P, BH, K, Dv), dtype=f32, device=dev)
+    pn = torch.empty((P, BH, K), dtype=f32, device=dev)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = empty_tokens(v, B, N, H, Dv, layout, v.dtype)
+    common = {"a_ptr": a2, "b_ptr": b2, "c_ptr": c2, "N": N, "H": H, "BH": BH, "SEG": seg,
+              "BLOCK_N": bn}
+    warps, stages = int(cfg["num_warps"]), int(cfg["num_stages"])
+    launch_cfg = {kk: vv for kk, vv in cfg.items()}
+
+    fn, path, _ = _kernel("read", variant, interpret, launch_cfg)
+    launch.launch(fn, (BH, P), {**_tokens("q", q, layout), **_tokens("dy", dy, layout),
+                                **_tokens("dq", dq, layout), **common, "s_ptr": s, "n_ptr": n,
+                                "ps_ptr": ps, "pn_ptr": pn, "pa_ptr": pa[0], "pb_ptr": pb[0],
+                                "pc_ptr": pc[0]}, warps, stages, path)
+    g_s = ps.sum(0)  # fixed order over segments: deterministic
+    if norm == "row":
+        g_n = pn.sum(0)
+    else:  # the kernel summed dL/d(S / (n + eps))
+        inv = 1.0 / (n + eps)
+        g_n = -(g_s * s).sum(-1) * inv * inv
+        g_s = g_s * inv[..., None]
+    if ds_ext is not None:
+        g_s = g_s + ds_ext.to(f32).reshape(BH, K, Dv)
+    if dn_ext is not None:
+        g_n = g_n + dn_ext.to(f32).reshape(BH, K)
+    g_s, g_n = g_s.contiguous(), g_n.contiguous()
+
+    args = {**_tokens("k", k, layout), **_tokens("v", v, layout), **_tokens("dk", dk, layout),
+            **_tokens("dv", dv, layout), **common, "ds_ptr": g_s, "dn_ptr": g_n,
+            "pa_ptr": pa[1], "pb_ptr": pb[1], "pc_ptr": pc[1]}
+    if key_mask is not None:
+        args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
+    fn, path, _ = _kernel("write", variant, interpret, launch_cfg)
+    launch.launch(fn, (BH, P), args, warps, stages, path)
+
+    # sum queries and keys, segments and batch, in a fixed order
+    g_a = pa.sum((0, 1)).view(B, H, K, D).sum(0)
+    g_b = pb.sum((0, 1)).view(B, H, K, D).sum(0)
+    g_c = pc.sum((0, 1)).view(B, H, K).sum(0)
+    dmix = coefficients_vjp(mean32, log_var32, g_a, g_b, g_c)
+    return [dq, dk, dv] + [g.to(t.dtype) for g, t in zip(dmix, (mean, log_var, logit))]
+
+
+def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",
+            mask: bool = False) -> str:
+    """The generated backward kernels for one specialization (for reading)."""
+    shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
+                  space.pow2_at_least(K))
+    variant = Variant("backward", shape, dtype, norm=norm, mask=mask)
+    cfg = default_config(D, Dv, K)
+    return emit_backward.emit_read(variant, cfg) + "\n\n" + emit_backward.emit_write(variant, cfg)

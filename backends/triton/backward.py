@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from gmagen.errors import DTypeError, UnsupportedFeature
 
-from . import emit_backward, launch, space
+from . import emit_backward, emit_scan_backward, launch, space
 from .lower import MAX_CUDA_K, cdiv, empty_tokens, logical_strides, token_shape
 from .prelude import LOG2E, Shape
 from .variant import Variant
@@ -64,13 +64,19 @@ def _tokens(prefix: str, t: Any, layout: str) -> dict:
             f"{prefix}_sd": sd}
 
 
+_EMITTERS = {"read": (emit_backward.emit_read, "gma_read_bwd"),
+             "write": (emit_backward.emit_write, "gma_write_bwd"),
+             "scan_chunks": (emit_scan_backward.emit_chunks, "gma_scan_bwd_chunks"),
+             "scan_state": (emit_scan_backward.emit_state, "gma_scan_bwd_state"),
+             "scan": (emit_scan_backward.emit_grads, "gma_scan_bwd")}
+
+
 def _kernel(kind: str, v: Variant, interpret: bool, config: dict):
     key = (kind, v, interpret, tuple(sorted(config.items())))
     if key not in _MODULES:
-        emit = emit_backward.emit_read if kind == "read" else emit_backward.emit_write
+        emit, name = _EMITTERS[kind]
         src = emit(v, config)
         module = launch.load(src, interpret)
-        name = "gma_read_bwd" if kind == "read" else "gma_write_bwd"
         _MODULES[key] = (getattr(module, name), module.__file__, src)
     return _MODULES[key]
 
@@ -82,14 +88,8 @@ def default_config(D: int, Dv: int, K: int) -> dict:
             "num_warps": 8 if big else 4, "num_stages": 1, "segments": 0}
 
 
-def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
-                 key_mask: Optional[Any], state: tuple[Any, Any], dy: Optional[Any],
-                 dstate: tuple[Optional[Any], Optional[Any]], *, norm: str = "row",
-                 eps: float = 1e-6, layout: str = "bnhd", precision: str = "",
-                 config: Optional[dict] = None) -> list[Any]:
-    """[dq, dk, dv, dmean, dlog_var, dlogit] of bidirectional GMA (torch tensors)."""
-    import torch
-
+def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
+    """Checks, sizes, the Variant the kernels are specialized on, and the config."""
     from . import _probe  # decided once per process, before triton is imported
 
     ok, reason, interpret = _probe()
@@ -105,21 +105,39 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     if not interpret and K > MAX_CUDA_K:
         raise UnsupportedFeature(f"triton backward on CUDA: K={K}; at most {MAX_CUDA_K}")
     cfg = {**default_config(D, Dv, K), **(config or {})}
-    bn = int(cfg["block_n"])
     shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
                   space.pow2_at_least(K))
     variant = Variant("backward", shape, dtype, norm=norm, eps=float(eps),
                       mask=key_mask is not None, precision=precision)
+    return B, N, H, D, K, Dv, variant, interpret, cfg, int(cfg["block_n"])
+
+
+def _programs(tiles: int, BH: int, cfg: dict, interpret: bool, dev: Any) -> int:
+    """Programs per (b, h) along N (each sums its own partials)."""
+    import torch
+
+    if cfg.get("segments"):
+        return min(int(cfg["segments"]), tiles)
+    if interpret:
+        return min(2, tiles)  # two partials: exercises the reduction
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    return max(1, min(tiles, cdiv(8 * sms, BH)))
+
+
+def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
+                 key_mask: Optional[Any], state: tuple[Any, Any], dy: Optional[Any],
+                 dstate: tuple[Optional[Any], Optional[Any]], *, norm: str = "row",
+                 eps: float = 1e-6, layout: str = "bnhd", precision: str = "",
+                 config: Optional[dict] = None) -> list[Any]:
+    """[dq, dk, dv, dmean, dlog_var, dlogit] of bidirectional GMA (torch tensors)."""
+    import torch
+
+    setup = _setup(q, v, mean, key_mask, norm, eps, layout, precision, config)
+    B, N, H, D, K, Dv, variant, interpret, cfg, bn = setup
     dev, f32 = q.device, torch.float32
     BH = B * H
     tiles = max(1, cdiv(N, bn))
-    if cfg.get("segments"):
-        P = min(int(cfg["segments"]), tiles)
-    elif interpret:
-        P = min(2, tiles)  # two partials: exercises the reduction
-    else:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        P = max(1, min(tiles, cdiv(8 * sms, BH)))
+    P = _programs(tiles, BH, cfg, interpret, dev)
     seg = cdiv(tiles, P) * bn
 
     mean32, log_var32, logit32 = (t.detach().float() for t in (mean, log_var, logit))
@@ -175,10 +193,100 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
 
 
 def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",
-            mask: bool = False) -> str:
+            mask: bool = False, causal: bool = False) -> str:
     """The generated backward kernels for one specialization (for reading)."""
     shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
                   space.pow2_at_least(K))
     variant = Variant("backward", shape, dtype, norm=norm, mask=mask)
     cfg = default_config(D, Dv, K)
-    return emit_backward.emit_read(variant, cfg) + "\n\n" + emit_backward.emit_write(variant, cfg)
+    kinds = ("scan_chunks", "scan_state", "scan") if causal else ("read", "write")
+    return "\n\n".join(_EMITTERS[kind][0](variant, cfg) for kind in kinds)
+
+
+def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
+                        key_mask: Optional[Any], initial_state: Optional[tuple[Any, Any]],
+                        dy: Optional[Any], dstate: tuple[Optional[Any], Optional[Any]], *,
+                        norm: str = "row", eps: float = 1e-6, layout: str = "bnhd",
+                        precision: str = "", config: Optional[dict] = None) -> list[Any]:
+    """[dq, dk, dv, dmean, dlog_var, dlogit, dS0, dn0] of causal GMA (dS0, dn0 None
+    without an initial state).  Chunks of C = block_n tokens: the states entering
+    each chunk (exclusive prefix of per-chunk sums, plus S0) and the state
+    gradients leaving each chunk (exclusive suffix of the queries' per-chunk
+    contributions, plus the final state's cotangent) are [chunks, B*H, K, Dv]
+    float32, as large as v in float32 when C = K."""
+    import torch
+
+    B, N, H, D, K, Dv, variant, interpret, cfg, bn = _setup(
+        q, v, mean, key_mask, norm, eps, layout, precision, config)
+    dev, f32 = q.device, torch.float32
+    BH = B * H
+    nch = max(1, cdiv(N, bn))
+    P = _programs(nch, BH, cfg, interpret, dev)
+    cps = cdiv(nch, P)
+    P = cdiv(nch, cps)
+
+    mean32, log_var32, logit32 = (t.detach().float() for t in (mean, log_var, logit))
+    a2, b2, c2 = ((t * LOG2E).contiguous() for t in coefficients(mean32, log_var32, logit32))
+    dy = torch.zeros_like(v) if dy is None else dy
+    args = {**_tokens("q", q, layout), **_tokens("k", k, layout), **_tokens("v", v, layout),
+            **_tokens("dy", dy, layout), "a_ptr": a2, "b_ptr": b2, "c_ptr": c2, "N": N, "H": H,
+            "BH": BH, "NCH": nch, "CPS": cps, "BLOCK_N": bn}
+    if key_mask is not None:
+        args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
+    warps, stages = int(cfg["num_warps"]), int(cfg["num_stages"])
+
+    def run(kind: str, extra: dict) -> None:
+        fn, path, _ = _kernel(kind, variant, interpret, cfg)
+        launch.launch(fn, (BH, P), {**args, **extra}, warps, stages, path)
+
+    # states entering each chunk: S0 + the sums of the chunks before it
+    cs = torch.empty((nch, BH, K, Dv), dtype=f32, device=dev)
+    cn = torch.empty((nch, BH, K), dtype=f32, device=dev)
+    run("scan_chunks", {"cs_ptr": cs, "cn_ptr": cn})
+    s_in, n_in = torch.zeros_like(cs), torch.zeros_like(cn)
+    if nch > 1:
+        torch.cumsum(cs[:-1], 0, out=s_in[1:])
+        torch.cumsum(cn[:-1], 0, out=n_in[1:])
+    if initial_state is not None:
+        s_in += initial_state[0].detach().to(f32).reshape(1, BH, K, Dv)
+        n_in += initial_state[1].detach().to(f32).reshape(1, BH, K)
+    del cs, cn
+
+    # state gradients leaving each chunk: dstate + what later chunks' queries add
+    qs = torch.empty((nch, BH, K, Dv), dtype=f32, device=dev)
+    qn = torch.empty((nch, BH, K), dtype=f32, device=dev)
+    run("scan_state", {"sin_ptr": s_in, "nin_ptr": n_in, "qs_ptr": qs, "qn_ptr": qn})
+    suffix_s = qs.flip(0).cumsum(0).flip(0)  # inclusive: chunks c..end
+    suffix_n = qn.flip(0).cumsum(0).flip(0)
+    g_s, g_n = torch.zeros_like(qs), torch.zeros_like(qn)
+    g_s[:-1], g_n[:-1] = suffix_s[1:], suffix_n[1:]
+    ds_ext, dn_ext = dstate
+    ds0 = suffix_s[0].clone()
+    dn0 = suffix_n[0].clone()
+    if ds_ext is not None:
+        ext = ds_ext.to(f32).reshape(1, BH, K, Dv)
+        g_s += ext
+        ds0 += ext[0]
+    if dn_ext is not None:
+        ext_n = dn_ext.to(f32).reshape(1, BH, K)
+        g_n += ext_n
+        dn0 += ext_n[0]
+    del qs, qn, suffix_s, suffix_n
+
+    pa = torch.empty((P, BH, K, D), dtype=f32, device=dev)
+    pb = torch.empty_like(pa)
+    pc = torch.empty((P, BH, K), dtype=f32, device=dev)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = empty_tokens(v, B, N, H, Dv, layout, v.dtype)
+    run("scan", {"sin_ptr": s_in, "nin_ptr": n_in, "gs_ptr": g_s, "gn_ptr": g_n, "pa_ptr": pa,
+                 "pb_ptr": pb, "pc_ptr": pc, **_tokens("dq", dq, layout),
+                 **_tokens("dk", dk, layout), **_tokens("dv", dv, layout)})
+    g_a = pa.sum(0).view(B, H, K, D).sum(0)
+    g_b = pb.sum(0).view(B, H, K, D).sum(0)
+    g_c = pc.sum(0).view(B, H, K).sum(0)
+    dmix = coefficients_vjp(mean32, log_var32, g_a, g_b, g_c)
+    grads = [dq, dk, dv] + [g.to(t.dtype) for g, t in zip(dmix, (mean, log_var, logit))]
+    if initial_state is None:
+        return grads + [None, None]
+    s0, n0 = initial_state
+    return grads + [ds0.view(B, H, K, Dv).to(s0.dtype), dn0.view(B, H, K).to(n0.dtype)]

@@ -3,9 +3,7 @@
 Each backend's forward runs through ``gmagen.compile``; its gradients come from:
 
   numpy          the float64 oracle's analytic VJPs (``gmagen.ir.oracle_grad.run_vjp``)
-  triton         bidirectional: the Triton backward kernels (``backends/triton/backward.py``);
-                 causal: autograd through the torch lowering, as for torch (the
-                 Triton causal backward kernels are not written yet; logged once)
+  triton         the Triton backward kernels (``backends/triton/backward.py``)
   torch          autograd through the torch lowering (``gmagen.backends.torch.ops``),
                  recomputing the responsibilities instead of storing them, on the
                  inputs' device, in float32
@@ -16,13 +14,11 @@ responsibilities.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
 import torch
 
-log = logging.getLogger("gmagen")
 
 Inputs = tuple  # (q, k, v, mean, log_var, logit, key_mask, s0, n0)
 COVARIANCE_BY_RANK = {3: "diag", 2: "spherical", 1: "shared"}
@@ -99,24 +95,21 @@ def _vjp_oracle(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.
 
 
 def _vjp_triton(inputs: Inputs, dy, ds, dn, attrs: dict, state) -> list[Optional[torch.Tensor]]:
-    from gmagen.backends.triton.backward import gma_backward
+    from gmagen.backends.triton.backward import gma_backward, gma_backward_causal
 
-    q, k, v, mean, log_var, logit, key_mask, _, _ = inputs
-    grads = gma_backward(q, k, v, mean, log_var, logit, key_mask, state, dy, (ds, dn),
-                         norm=attrs["norm"], eps=attrs["eps"], layout=attrs["layout"])
-    return grads + [None, None]
-
-
-_warned: set = set()
+    q, k, v, mean, log_var, logit, key_mask, s0, n0 = inputs
+    kw = dict(norm=attrs["norm"], eps=attrs["eps"], layout=attrs["layout"])
+    if attrs["causal"]:
+        init = None if s0 is None else (s0, n0)
+        return gma_backward_causal(q, k, v, mean, log_var, logit, key_mask, init, dy, (ds, dn),
+                                   **kw)
+    return gma_backward(q, k, v, mean, log_var, logit, key_mask, state, dy, (ds, dn),
+                        **kw) + [None, None]
 
 
 def has_kernels(backend: str, causal: bool) -> bool:
     """Gradients computed outside torch autograd (by an opaque custom op)."""
-    if backend == "triton" and causal and "causal" not in _warned:
-        _warned.add("causal")
-        log.info("gmagen.torch.gma: causal gradients of the triton backend run through the "
-                 "torch lowering (no Triton causal backward kernels yet)")
-    return backend == "numpy" or (backend == "triton" and not causal)
+    return backend in ("numpy", "triton")
 
 
 def vjp(backend: str, inputs: Inputs, dy, ds, dn, attrs: dict,
@@ -125,7 +118,7 @@ def vjp(backend: str, inputs: Inputs, dy, ds, dn, attrs: dict,
     device (None where the input is None).  ``state``: the forward's (S, n)."""
     if backend == "numpy":
         grads = _vjp_oracle(inputs, dy, ds, dn, attrs)
-    elif backend == "triton" and not attrs["causal"]:
+    elif backend == "triton":
         grads = _vjp_triton(inputs, dy, ds, dn, attrs, state)
     else:
         grads = _vjp_torch(inputs, dy, ds, dn, attrs)

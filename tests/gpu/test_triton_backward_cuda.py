@@ -1,4 +1,4 @@
-"""Triton backward kernels (bidirectional) on CUDA vs the oracle's analytic VJPs, every
+"""Triton backward kernels (bidirectional and causal) on CUDA vs the oracle's analytic VJPs, every
 variant and dtype, through gmagen.torch.gma; determinism of the gradients.
 
 Skipped without a CUDA device (CI); run through scripts/gpu_run.sh on the GPU machine.
@@ -25,7 +25,8 @@ pytestmark = pytest.mark.gpu
 GRAD_TOL = {"f32": 5e-4, "f16": 2e-2, "bf16": 4e-2}  # GMA_SPEC, gradients
 TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 NAMES = ("q", "k", "v", "mean", "log_var", "logit")
-VARIANTS = list(itertools.product(("row", "slot"), ("diag", "spherical", "shared"), (False, True)))
+VARIANTS = list(itertools.product((False, True), ("row", "slot"), ("diag", "spherical", "shared"),
+                                  (False, True)))
 
 
 def _case(seed, dtype, norm, cov, masked, B=2, N=300, H=2, D=64, Dv=64, K=32):
@@ -41,16 +42,17 @@ def _case(seed, dtype, norm, cov, masked, B=2, N=300, H=2, D=64, Dv=64, K=32):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
-@pytest.mark.parametrize("norm,cov,masked", VARIANTS,
-                         ids=[f"{n}-{c}{'-mask' if m else ''}" for n, c, m in VARIANTS])
-def test_backward_variant(norm, cov, masked, dtype):
+@pytest.mark.parametrize("causal,norm,cov,masked", VARIANTS,
+                         ids=[f"{'causal' if c else 'bidir'}-{n}-{v}{'-mask' if m else ''}"
+                              for c, n, v, m in VARIANTS])
+def test_backward_variant(causal, norm, cov, masked, dtype):
     arrs, mask, dy = _case(0, dtype, norm, cov, masked)
-    prog = gmagen.gma(norm=norm, covariance=cov)
+    prog = gmagen.gma(causal=causal, norm=norm, covariance=cov)
     ref = run_vjp(prog, {**arrs, "key_mask": mask}, {"y": dy})
     t = {k: torch.tensor(a, dtype=TORCH[dtype] if k in ("q", "k", "v") else torch.float32,
                          device="cuda", requires_grad=True) for k, a in arrs.items()}
     m = None if mask is None else torch.tensor(mask, device="cuda")
-    y = gt.gma(*[t[k] for k in NAMES], norm=norm, key_mask=m, backend="triton")
+    y = gt.gma(*[t[k] for k in NAMES], causal=causal, norm=norm, key_mask=m, backend="triton")
     y.backward(torch.tensor(dy, dtype=y.dtype, device="cuda"))
     for name in NAMES:
         g = t[name].grad.double().cpu().numpy()
@@ -58,7 +60,8 @@ def test_backward_variant(norm, cov, masked, dtype):
         assert err <= GRAD_TOL[dtype], f"d{name}: {err:.2e} > {GRAD_TOL[dtype]:.0e}"
 
 
-def test_backward_deterministic_at_benchmark_shape():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_backward_deterministic_at_benchmark_shape(causal):
     B, N, H, D, K = 4, 16384, 16, 64, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, N, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -70,7 +73,7 @@ def test_backward_deterministic_at_benchmark_shape():
     grads = []
     for _ in range(2):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, *mix)]
-        gt.gma(*leaves, backend="triton").backward(dy)
+        gt.gma(*leaves, causal=causal, backend="triton").backward(dy)
         grads.append([x.grad for x in leaves])
     for name, a, b in zip(NAMES, *grads):
         assert torch.equal(a, b), f"d{name} differs between two runs"

@@ -113,13 +113,20 @@ def test_float32_gradients_within_contract():
         assert rel(a, b) < 5e-4, name
 
 
-def test_triton_forward_and_gradients():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_triton_forward_and_gradients(causal):
+    """backend="triton": the Triton forward and backward kernels (interpreter here)."""
     if not TRITON:
         pytest.skip(f"triton: {TRITON.reason}")
-    t64, extra = inputs(5, N=20, D=8, Dv=8, K=4, mask=True)
+    t64, extra = inputs(5, N=20, D=8, Dv=8, K=4, mask=True, init=causal)
     t32 = {k: v.detach().float().requires_grad_() for k, v in t64.items()}
-    y, g = loss_and_grads(t32, extra, causal=False, backend="triton")
-    y_ref, g_ref = loss_and_grads(t64, extra, causal=False, backend="numpy")
+    if causal:
+        extra32 = {**extra, "initial_state": tuple(x.detach().float().requires_grad_()
+                                                   for x in extra["initial_state"])}
+    else:
+        extra32 = extra
+    y, g = loss_and_grads(t32, extra32, causal=causal, backend="triton")
+    y_ref, g_ref = loss_and_grads(t64, extra, causal=causal, backend="numpy")
     assert rel(y, y_ref) < 1e-4
     for name, a, b in zip(NAMES, g, g_ref):
         assert rel(a, b) < 5e-4, name

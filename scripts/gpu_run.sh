@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|quick|explore]     (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore]     (OUT defaults to ./gpu_out)
 #
 # Through the device tool: run(command="bash scripts/gpu_run.sh all").
 set -uo pipefail
@@ -41,6 +41,10 @@ if [[ "$mode" == all || "$mode" == tests || "$mode" == quick ]]; then
 fi
 if [[ "$mode" == all || "$mode" == bench ]]; then
   timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/bench_triton.py --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [[ "$mode" == all || "$mode" == train ]]; then
+  timeout "${TRAIN_TIMEOUT:-300}" $PY benchmarks/bench_training.py --out "$OUT/bench_training.json" \
+      ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_training.log" | tail -40
 fi
 if [[ "$mode" == explore ]]; then
   timeout 420 $PY benchmarks/explore_triton.py 65536 "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -60

@@ -292,3 +292,26 @@ def test_layer_torch_compile_fullgraph_matches_eager():
     assert rel(y, ref) < 1e-6
     for n, p in layer.named_parameters():
         assert rel(p.grad, ref_grads[n]) < 1e-5, n
+
+
+def test_triton_still_usable_after_gmagen_torch_on_cpu():
+    """torch's custom-op machinery imports triton; gmagen.torch probes the triton
+    backend first, so a later triton call in the same process still works."""
+    import subprocess
+    import sys
+
+    code = ("import torch, gmagen.torch as gt, gmagen\n"
+            "x = [torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3)]\n"
+            "y = gt.gma(*x, torch.randn(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3),"
+            " causal=True)\n"
+            "y.sum().backward()\n"
+            "avail = gmagen.available_backends()['triton']\n"
+            "print('TRITON', bool(avail), avail.reason)\n")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a fresh user
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if "triton is not installed" not in out.stdout:
+        assert "TRITON True" in out.stdout, out.stdout

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_triton import (L2_BYTES, _flush, _sdpa, copy_bandwidth, make_sets, time_ms,  # noqa: E402
-                          versions)
+from bench_triton import (L2_BYTES, _flush, _sdpa, copy_bandwidth, extra_bytes,  # noqa: E402
+                          make_sets, time_ms, versions)
 from eager_gma import eager_gma  # noqa: E402
 
 import gmagen.torch as gt  # noqa: E402
@@ -35,18 +35,6 @@ def _fwdbwd(forward):
         y.backward(dy)
         return [t.grad for t in leaves]
     return call
-
-
-def _peak_extra(fn, args: tuple, grad_bytes: int) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn(*args)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return max(0, peak - before - grad_bytes)
 
 
 def bench(args, bw: float, records: list, base: dict) -> None:
@@ -76,7 +64,7 @@ def bench(args, bw: float, records: list, base: dict) -> None:
                 fn = impls[impl]
                 try:
                     ms = time_ms(fn, sets, warmup=2, reps=args.reps)
-                    extra = _peak_extra(fn, sets[0], grad_bytes)
+                    extra = extra_bytes(fn, sets[0], grad_bytes)  # minus the gradients
                     rec = dict(row, impl=impl, ms=ms, extra_bytes=extra)
                 except torch.OutOfMemoryError as exc:
                     rec = dict(row, impl=impl, ms=None, extra_bytes=None, error=f"OOM: {exc}"[:200])

@@ -153,14 +153,10 @@ def _to_logical(a: np.ndarray, layout: str) -> np.ndarray:
     return a if layout == "bnhd" else np.swapaxes(a, 1, 2)
 
 
-def run(program: Program, inputs: dict[str, object]) -> dict[str, object]:
-    """Interpret ``program`` on NumPy inputs (missing optional inputs: absent).
-
-    Per-token tensors (every rank-4 tensor, input or result: q, k, v,
-    responsibilities) are read and written in ``program.layout``. Returns every
-    output and the state (if the program names one), tensors as float64 arrays
-    and memories as (S, n) pairs."""
-    types = verify(program)
+def interpret(program: Program, inputs: dict[str, object]) -> dict[str, object]:
+    """Every value of ``program`` (inputs and op results) in logical layout
+    [B, N, H, X]; missing optional inputs are None.  ``run`` and the gradient
+    walk of ``oracle_grad`` both start from it."""
     env: dict[str, object] = {}
     for inp in program.inputs:
         value = inputs.get(inp.name)
@@ -177,14 +173,25 @@ def run(program: Program, inputs: dict[str, object]) -> dict[str, object]:
             env[inp.name] = np.asarray(value)
     for op in program.ops:
         args = {f: (None if v is None else env[v]) for f, v in _ops.operands(op).items()}
-        fn = globals()[_ops.op_name(op)]
-        out = fn(**args, **_ops.attrs(op))
+        out = globals()[_ops.op_name(op)](**args, **_ops.attrs(op))
         res = list(_ops.results(op).values())
         if len(res) == 1:
             env[res[0]] = out
         else:
             for name, value in zip(res, out):
                 env[name] = value
+    return env
+
+
+def run(program: Program, inputs: dict[str, object]) -> dict[str, object]:
+    """Interpret ``program`` on NumPy inputs (missing optional inputs: absent).
+
+    Per-token tensors (every rank-4 tensor, input or result: q, k, v,
+    responsibilities) are read and written in ``program.layout``. Returns every
+    output and the state (if the program names one), tensors as float64 arrays
+    and memories as (S, n) pairs."""
+    types = verify(program)
+    env = interpret(program, inputs)
     result: dict[str, object] = {}
     for name in program.outputs + ((program.state,) if program.state else ()):
         value = env[name]

@@ -227,28 +227,6 @@ def causal_scan_vjp(rq: np.ndarray, rk: np.ndarray, v: np.ndarray, dy: Optional[
 
 # -- whole programs ----------------------------------------------------------------
 
-def _forward(program: Program, inputs: dict[str, object]) -> dict[str, object]:
-    """``oracle.run`` keeping every value (logical layout), for the backward walk."""
-    env: dict[str, object] = {}
-    for inp in program.inputs:
-        value = inputs.get(inp.name)
-        if value is None:
-            if not inp.optional:
-                raise KeyError(f"input {inp.name!r} is required")
-            env[inp.name] = None
-        elif isinstance(inp.type, MemoryType):
-            env[inp.name] = (_f64(value[0]), _f64(value[1]))  # type: ignore[index]
-        elif inp.type.rank == 4:
-            env[inp.name] = _oracle._to_logical(np.asarray(value), program.layout)
-        else:
-            env[inp.name] = np.asarray(value)
-    for op in program.ops:
-        args = {f: (None if v is None else env[v]) for f, v in _ops.operands(op).items()}
-        out = getattr(_oracle, _ops.op_name(op))(**args, **_ops.attrs(op))
-        res = list(_ops.results(op).values())
-        for name, value in zip(res, out if len(res) > 1 else (out,)):
-            env[name] = value
-    return env
 
 
 def _op_vjp(op: _ops.Op, args: dict[str, object], cts: dict[str, object]) -> dict[str, object]:
@@ -325,7 +303,7 @@ def run_vjp(program: Program, inputs: dict[str, object],
     input as a (dS, dn) pair (None when not given), None for non-float inputs
     (key_mask, cu_seqlens)."""
     types = verify(program)
-    env = _forward(program, inputs)
+    env = _oracle.interpret(program, inputs)
     grads = _seed(program, types, env, cotangents)
     for op in reversed(program.ops):
         cts = {f: grads.get(v) for f, v in _ops.results(op).items()}

@@ -89,31 +89,41 @@ class TorchExecutable(Executable):
     def run(self, env: dict[str, Any], binding: Any) -> dict[str, Any]:
         import torch
 
-        swap = self.layout == "bhnd"
-        local: dict[str, Any] = {}
-
-        def read(name: str) -> Any:
-            if name in local:
-                return local[name]
-            value = env.get(name)
-            if swap and isinstance(value, torch.Tensor) and value.dim() == 4:
-                value = value.transpose(1, 2)  # call layout -> logical [B, N, H, X], a view
-            return value
-
-        for op in self.kernel.ops:
-            args = {f: (None if v is None else read(v)) for f, v in _ops.operands(op).items()}
-            extra = {"chunk": self.chunk} if isinstance(op, _ops.CausalScan) else {}
-            out = getattr(torch_ops, _ops.op_name(op))(**args, **_ops.attrs(op), **extra)
-            names = list(_ops.results(op).values())
-            local.update({names[0]: out} if len(names) == 1 else dict(zip(names, out)))
+        result = run_ops(self.kernel, env, self.layout, self.chunk)
         token = getattr(torch, {"f16": "float16", "bf16": "bfloat16", "f32": "float32",
                                 "f64": "float64"}[self.token_dtype])
-        result = {}
-        for name in self.kernel.outputs:
-            value = local[name]
-            if name in self.t_outputs:
-                value = value.to(token)
-            if swap and isinstance(value, torch.Tensor) and value.dim() == 4:
-                value = value.transpose(1, 2)  # back to the call's layout, a view
-            result[name] = value
+        for name in self.t_outputs & set(result):
+            result[name] = result[name].to(token)
         return result
+
+
+def run_ops(kernel: KernelPlan, env: dict[str, Any], layout: str, chunk: int) -> dict[str, Any]:
+    """The plan's ops on torch tensors (``env``: name -> tensor or (S, n), in the call's
+    layout); returns its outputs in the call's layout, in the accumulation dtype.
+    Differentiable: ``gmagen.torch`` runs it under autograd for its gradients."""
+    import torch
+
+    swap = layout == "bhnd"
+    local: dict[str, Any] = {}
+
+    def read(name: str) -> Any:
+        if name in local:
+            return local[name]
+        value = env.get(name)
+        if swap and isinstance(value, torch.Tensor) and value.dim() == 4:
+            value = value.transpose(1, 2)  # call layout -> logical [B, N, H, X], a view
+        return value
+
+    for op in kernel.ops:
+        args = {f: (None if v is None else read(v)) for f, v in _ops.operands(op).items()}
+        extra = {"chunk": chunk} if isinstance(op, _ops.CausalScan) else {}
+        out = getattr(torch_ops, _ops.op_name(op))(**args, **_ops.attrs(op), **extra)
+        names = list(_ops.results(op).values())
+        local.update({names[0]: out} if len(names) == 1 else dict(zip(names, out)))
+    result = {}
+    for name in kernel.outputs:
+        value = local[name]
+        if swap and isinstance(value, torch.Tensor) and value.dim() == 4:
+            value = value.transpose(1, 2)  # back to the call's layout, a view
+        result[name] = value
+    return result

@@ -112,6 +112,23 @@ def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
     return B, N, H, D, K, Dv, variant, interpret, cfg, int(cfg["block_n"])
 
 
+def _coefficient_args(mean: Any, log_var: Any, logit: Any) -> tuple:
+    """float32 mixture, and its expanded-logit coefficients in base 2 for the kernels."""
+    mix = tuple(t.detach().float() for t in (mean, log_var, logit))
+    a2, b2, c2 = ((t * LOG2E).contiguous() for t in coefficients(*mix))
+    return mix, {"a_ptr": a2, "b_ptr": b2, "c_ptr": c2}
+
+
+def _mixture_grads(pa: Any, pb: Any, pc: Any, B: int, mix: tuple, like: tuple) -> list:
+    """(dmean, dlog_var, dlogit) from the kernels' partial sums [.., B*H, K, (D)]:
+    partials, then batch, summed in a fixed order (deterministic)."""
+    H, K, D = mix[0].shape
+    g_a = pa.reshape(-1, B, H, K, D).sum(0).sum(0)
+    g_b = pb.reshape(-1, B, H, K, D).sum(0).sum(0)
+    g_c = pc.reshape(-1, B, H, K).sum(0).sum(0)
+    return [g.to(t.dtype) for g, t in zip(coefficients_vjp(mix[0], mix[1], g_a, g_b, g_c), like)]
+
+
 def _programs(tiles: int, BH: int, cfg: dict, interpret: bool, dev: Any) -> int:
     """Programs per (b, h) along N (each sums its own partials)."""
     import torch
@@ -140,8 +157,7 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     P = _programs(tiles, BH, cfg, interpret, dev)
     seg = cdiv(tiles, P) * bn
 
-    mean32, log_var32, logit32 = (t.detach().float() for t in (mean, log_var, logit))
-    a2, b2, c2 = ((t * LOG2E).contiguous() for t in coefficients(mean32, log_var32, logit32))
+    mix, coef = _coefficient_args(mean, log_var, logit)
     s, n = (t.detach().to(f32).reshape(BH, K, *t.shape[3:]).contiguous() for t in state)
     dy = torch.zeros_like(v) if dy is None else dy
     ds_ext, dn_ext = dstate
@@ -153,7 +169,7 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     pn = torch.empty((P, BH, K), dtype=f32, device=dev)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = empty_tokens(v, B, N, H, Dv, layout, v.dtype)
-    common = {"a_ptr": a2, "b_ptr": b2, "c_ptr": c2, "N": N, "H": H, "BH": BH, "SEG": seg,
+    common = {**coef, "N": N, "H": H, "BH": BH, "SEG": seg,
               "BLOCK_N": bn}
     warps, stages = int(cfg["num_warps"]), int(cfg["num_stages"])
     launch_cfg = {kk: vv for kk, vv in cfg.items()}
@@ -184,12 +200,7 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     fn, path, _ = _kernel("write", variant, interpret, launch_cfg)
     launch.launch(fn, (BH, P), args, warps, stages, path)
 
-    # sum queries and keys, segments and batch, in a fixed order
-    g_a = pa.sum((0, 1)).view(B, H, K, D).sum(0)
-    g_b = pb.sum((0, 1)).view(B, H, K, D).sum(0)
-    g_c = pc.sum((0, 1)).view(B, H, K).sum(0)
-    dmix = coefficients_vjp(mean32, log_var32, g_a, g_b, g_c)
-    return [dq, dk, dv] + [g.to(t.dtype) for g, t in zip(dmix, (mean, log_var, logit))]
+    return [dq, dk, dv] + _mixture_grads(pa, pb, pc, B, mix, (mean, log_var, logit))
 
 
 def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",
@@ -225,11 +236,10 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     cps = cdiv(nch, P)
     P = cdiv(nch, cps)
 
-    mean32, log_var32, logit32 = (t.detach().float() for t in (mean, log_var, logit))
-    a2, b2, c2 = ((t * LOG2E).contiguous() for t in coefficients(mean32, log_var32, logit32))
+    mix, coef = _coefficient_args(mean, log_var, logit)
     dy = torch.zeros_like(v) if dy is None else dy
     args = {**_tokens("q", q, layout), **_tokens("k", k, layout), **_tokens("v", v, layout),
-            **_tokens("dy", dy, layout), "a_ptr": a2, "b_ptr": b2, "c_ptr": c2, "N": N, "H": H,
+            **_tokens("dy", dy, layout), **coef, "N": N, "H": H,
             "BH": BH, "NCH": nch, "CPS": cps, "BLOCK_N": bn}
     if key_mask is not None:
         args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
@@ -281,11 +291,7 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     run("scan", {"sin_ptr": s_in, "nin_ptr": n_in, "gs_ptr": g_s, "gn_ptr": g_n, "pa_ptr": pa,
                  "pb_ptr": pb, "pc_ptr": pc, **_tokens("dq", dq, layout),
                  **_tokens("dk", dk, layout), **_tokens("dv", dv, layout)})
-    g_a = pa.sum(0).view(B, H, K, D).sum(0)
-    g_b = pb.sum(0).view(B, H, K, D).sum(0)
-    g_c = pc.sum(0).view(B, H, K).sum(0)
-    dmix = coefficients_vjp(mean32, log_var32, g_a, g_b, g_c)
-    grads = [dq, dk, dv] + [g.to(t.dtype) for g, t in zip(dmix, (mean, log_var, logit))]
+    grads = [dq, dk, dv] + _mixture_grads(pa, pb, pc, B, mix, (mean, log_var, logit))
     if initial_state is None:
         return grads + [None, None]
     s0, n0 = initial_state

@@ -23,7 +23,7 @@ adds the partials in a fixed order (deterministic, no atomics).
 
 from __future__ import annotations
 
-from .prelude import LOG2E, Code, header, kernel_start, token_args, token_base
+from .prelude import LOG2E, Code, header, kernel_start, key_keep, token_args, token_base
 from .variant import Variant
 
 COEF_ARGS = ["a_ptr", "b_ptr", "c_ptr"]  # contiguous [H, K, D], [H, K, D], [H, K] float32
@@ -41,7 +41,7 @@ def _constants(v: Variant) -> list[str]:
             f'DATA_PRECISION = tl.constexpr("{data_prec}")']
 
 
-def _prologue(c: Code) -> None:
+def coefficient_loads(c: Code) -> None:
     """Index vectors and the head's coefficients, transposed to [BLOCK_D, BLOCK_K]."""
     c("offs_k = tl.arange(0, BLOCK_K)", "k_ok = offs_k < K",
       "offs_d = tl.arange(0, BLOCK_D)", "d_ok = offs_d < D",
@@ -50,8 +50,24 @@ def _prologue(c: Code) -> None:
       "coef = h64 * (K * D) + offs_k[None, :] * D + offs_d[:, None]",
       "a2 = tl.load(a_ptr + coef, mask=dk_ok, other=0.0)  # [BLOCK_D, BLOCK_K], base 2",
       "b2 = tl.load(b_ptr + coef, mask=dk_ok, other=0.0)",
-      "c2 = tl.load(c_ptr + h64 * K + offs_k, mask=k_ok, other=float('-inf'))",
-      "acc_a = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dL/dA of this segment",
+      "c2 = tl.load(c_ptr + h64 * K + offs_k, mask=k_ok, other=float('-inf'))")
+
+
+def responsibilities(c: Code, t: str, x: str, r: str) -> None:
+    """``{x}`` [BLOCK_N, BLOCK_D] float32 rows of token tensor ``t`` and their
+    responsibilities ``{r}`` (rows ``rows``, valid ``n_ok``)."""
+    c(f"{x} = tl.load({t}_base + rows[:, None] * {t}_sn + offs_d[None, :] * {t}_sd, "
+      "mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]",
+      f"{r} = tl.dot({x} * {x}, a2, input_precision=LOGIT_PRECISION) + tl.dot({x}, b2, "
+      "input_precision=LOGIT_PRECISION) + c2[None, :]  # logits, base 2",
+      f"{r} = tl.exp2({r} - tl.max({r}, 1)[:, None])",
+      f"{r} = {r} * (1.0 / tl.sum({r}, 1))[:, None]")
+
+
+def _prologue(c: Code) -> None:
+    """Coefficients, the mixture sums of this program, and its segment of N."""
+    coefficient_loads(c)
+    c("acc_a = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # dL/dA of this segment",
       "acc_b = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)",
       "acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)",
       "p = tl.program_id(1)", "start = p * SEG", "end = tl.minimum(start + SEG, N)")
@@ -59,14 +75,9 @@ def _prologue(c: Code) -> None:
 
 def _tile_start(c: Code, t: str) -> None:
     """Rows of this tile, the token tile ``x`` and its responsibilities ``r``."""
-    c("offs_n = n0 + tl.arange(0, BLOCK_N)", "n_ok = offs_n < end", "rows = offs_n.to(tl.int64)",
-      f"x = tl.load({t}_base + rows[:, None] * {t}_sn + offs_d[None, :] * {t}_sd, "
-      "mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]",
-      "xx = x * x",
-      "r = tl.dot(xx, a2, input_precision=LOGIT_PRECISION) + tl.dot(x, b2, "
-      "input_precision=LOGIT_PRECISION) + c2[None, :]  # logits, base 2",
-      "r = tl.exp2(r - tl.max(r, 1)[:, None])",
-      "r = r * (1.0 / tl.sum(r, 1))[:, None]")
+    c("offs_n = n0 + tl.arange(0, BLOCK_N)", "n_ok = offs_n < end", "rows = offs_n.to(tl.int64)")
+    responsibilities(c, t, "x", "r")
+    c("xx = x * x")
 
 
 def _tile_end(c: Code, t: str) -> None:
@@ -154,10 +165,7 @@ def emit_write(v: Variant, config: dict) -> str:
     c("for n0 in range(start, end, BLOCK_N):")
     c.indent()
     _tile_start(c, "k")
-    if v.mask:
-        c("keep = n_ok & (tl.load(mask_ptr + b64 * mask_sb + rows * mask_sn, mask=n_ok, other=0) != 0)")
-    else:
-        c("keep = n_ok")
+    key_keep(c, v.mask)
     c("r = tl.where(keep[:, None], r, 0.0)  # masked keys wrote nothing",
       "vt = tl.load(v_base + rows[:, None] * v_sn + offs_dv[None, :] * v_sd, "
       "mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)",

@@ -25,8 +25,9 @@ and the mixture's coefficients are handled as in ``emit_backward``.
 
 from __future__ import annotations
 
-from .emit_backward import COEF_ARGS, _constants, _store_partials
-from .prelude import Code, header, kernel_start, token_args, token_base
+from .emit_backward import (COEF_ARGS, _constants, _store_partials, coefficient_loads,
+                            responsibilities)
+from .prelude import Code, header, kernel_start, key_keep, token_args, token_base
 from .variant import Variant
 
 
@@ -40,15 +41,8 @@ def _params(v: Variant, extra: list[str]) -> list[str]:
 def _head(c: Code) -> None:
     """Indices and the head's coefficients; then the loop over this program's chunks
     (CPS chunks per program, so per-program partial sums stay few)."""
-    c("offs_k = tl.arange(0, BLOCK_K)", "k_ok = offs_k < K",
-      "offs_d = tl.arange(0, BLOCK_D)", "d_ok = offs_d < D",
-      "offs_dv = tl.arange(0, BLOCK_DV)", "dv_ok = offs_dv < DV",
-      "dk_ok = d_ok[:, None] & k_ok[None, :]",
-      "coef = h64 * (K * D) + offs_k[None, :] * D + offs_d[:, None]",
-      "a2 = tl.load(a_ptr + coef, mask=dk_ok, other=0.0)  # [BLOCK_D, BLOCK_K], base 2",
-      "b2 = tl.load(b_ptr + coef, mask=dk_ok, other=0.0)",
-      "c2 = tl.load(c_ptr + h64 * K + offs_k, mask=k_ok, other=float('-inf'))",
-      "kv = offs_k[:, None] * DV + offs_dv[None, :]",
+    coefficient_loads(c)
+    c("kv = offs_k[:, None] * DV + offs_dv[None, :]",
       "kv_ok = k_ok[:, None] & dv_ok[None, :]",
       "ii = tl.arange(0, BLOCK_N)",
       "tri = (ii[:, None] >= ii[None, :]).to(tl.float32)  # M_ij = [i >= j]",
@@ -70,16 +64,8 @@ def _loop(c: Code) -> None:
 def _chunk_start(c: Code, v: Variant, queries: bool) -> None:
     """The chunk's w = m r_k and v (and r_q)."""
     for t, r in (("k", "rk"),) + ((("q", "rq"),) if queries else ()):
-        c(f"x{t} = tl.load({t}_base + rows[:, None] * {t}_sn + offs_d[None, :] * {t}_sd, "
-          "mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)",
-          f"{r} = tl.dot(x{t} * x{t}, a2, input_precision=LOGIT_PRECISION) + tl.dot(x{t}, b2, "
-          "input_precision=LOGIT_PRECISION) + c2[None, :]",
-          f"{r} = tl.exp2({r} - tl.max({r}, 1)[:, None])",
-          f"{r} = {r} * (1.0 / tl.sum({r}, 1))[:, None]")
-    if v.mask:
-        c("keep = n_ok & (tl.load(mask_ptr + b64 * mask_sb + rows * mask_sn, mask=n_ok, other=0) != 0)")
-    else:
-        c("keep = n_ok")
+        responsibilities(c, t, f"x{t}", r)
+    key_keep(c, v.mask)
     c("w = tl.where(keep[:, None], rk, 0.0)  # [BLOCK_N, BLOCK_K], what each key writes",
       "vt = tl.load(v_base + rows[:, None] * v_sn + offs_dv[None, :] * v_sd, "
       "mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)")

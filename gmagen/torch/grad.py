@@ -14,6 +14,7 @@ responsibilities.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -24,27 +25,29 @@ Inputs = tuple  # (q, k, v, mean, log_var, logit, key_mask, s0, n0)
 COVARIANCE_BY_RANK = {3: "diag", 2: "spherical", 1: "shared"}
 
 
-def _logical(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """[B, H, N, X] views as [B, N, H, X] (the lowering's logical layout); no copy."""
-    return t if layout == "bnhd" else t.transpose(1, 2)
+@lru_cache(maxsize=128)
+def _program(causal: bool, norm: str, covariance: str, eps: float, layout: str):
+    from gmagen.dsl import gma
+    from gmagen.ir.passes.plan import plan_program
+
+    program = gma(causal=causal, norm=norm, covariance=covariance, eps=eps, layout=layout)
+    return program, plan_program(program)
 
 
 def forward_torch(q, k, v, mean, log_var, logit, key_mask, s0, n0, *, causal: bool, norm: str,
                   eps: float, layout: str):
-    """y (token layout, float32/float64), S, n through the torch lowering; differentiable."""
-    from gmagen.backends.torch import ops
+    """y (call layout, float32/float64), S, n through the torch lowering; differentiable."""
+    from gmagen.backends.torch.lower import run_ops
+    from gmagen.backends.torch.ops import SCAN_CHUNK
 
-    cov = COVARIANCE_BY_RANK[log_var.dim()]
-    ql, kl, vl = (_logical(t, layout) for t in (q, k, v))
-    rq = ops.responsibility(ql, mean, log_var, logit, cov)
-    rk = ops.responsibility(kl, mean, log_var, logit, cov)
-    if causal:
-        init = None if s0 is None else (s0, n0)
-        y, (s, n) = ops.causal_scan(rq, rk, vl, key_mask, init, None, norm, eps)
-    else:
-        s, n = ops.slot_write(rk, vl, key_mask)
-        y = ops.slot_read(rq, (s, n), None, norm, eps)
-    return _logical(y, layout), s, n
+    program, plan = _program(causal, norm, COVARIANCE_BY_RANK[log_var.dim()], eps, layout)
+    env = {"q": q, "k": k, "v": v, "mean": mean, "log_var": log_var, "logit": logit,
+           "key_mask": key_mask, "cu_seqlens": None,
+           "initial_state": None if s0 is None else (s0, n0)}
+    for kernel in plan.kernels:
+        env.update(run_ops(kernel, env, layout, SCAN_CHUNK))
+    s, n = env[program.state]
+    return env[program.outputs[0]], s, n
 
 
 def _vjp_torch(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.Tensor]]:

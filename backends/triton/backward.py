@@ -16,7 +16,7 @@ from typing import Any, Optional
 from gmagen.errors import DTypeError, UnsupportedFeature
 
 from . import emit_backward, emit_scan_backward, launch, space
-from .lower import MAX_CUDA_K, cdiv, empty_tokens, logical_strides, token_shape
+from .lower import cdiv, empty_tokens, logical_strides, token_shape
 from .prelude import LOG2E, Shape
 from .variant import Variant
 
@@ -67,8 +67,8 @@ def _tokens(prefix: str, t: Any, layout: str) -> dict:
 _EMITTERS = {"read": (emit_backward.emit_read, "gma_read_bwd"),
              "write": (emit_backward.emit_write, "gma_write_bwd"),
              "scan_chunks": (emit_scan_backward.emit_chunks, "gma_scan_bwd_chunks"),
-             "scan_state": (emit_scan_backward.emit_state, "gma_scan_bwd_state"),
-             "scan": (emit_scan_backward.emit_grads, "gma_scan_bwd")}
+             "scan_q": (emit_scan_backward.emit_queries, "gma_scan_bwd_q"),
+             "scan_k": (emit_scan_backward.emit_keys, "gma_scan_bwd_k")}
 
 
 def _kernel(kind: str, v: Variant, interpret: bool, config: dict):
@@ -81,11 +81,17 @@ def _kernel(kind: str, v: Variant, interpret: bool, config: dict):
     return _MODULES[key]
 
 
+# Every dim is resident in one program: at D = Dv = K = 64 the kernels need 83-181 KB
+# of shared memory on sm_90 (tests/backends/triton/test_aot.py compiles them for
+# sm_80 and sm_90 without a GPU); at 128 they need 280-560 KB, more than any GPU has.
+MAX_CUDA_DIM = 64
+
+
 def default_config(D: int, Dv: int, K: int) -> dict:
-    """Every dim resident in one program: smaller token tiles for large heads."""
-    big = max(D, Dv, K) > 64
-    return {"block_n": 16 if max(D, Dv, K) > 128 else (32 if big else 64),
-            "num_warps": 8 if big else 4, "num_stages": 1, "segments": 0}
+    """Tiles of 32 tokens and 8 warps: with 4 warps or 64 tokens the kernels spill
+    kilobytes of registers per thread (ptxas, sm_90)."""
+    return {"block_n": 32 if max(D, Dv, K) > 16 else 16, "num_warps": 8, "num_stages": 1,
+            "segments": 0}
 
 
 def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
@@ -102,8 +108,11 @@ def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
                          + (" (the CPU runs Triton's interpreter)" if interpret else ""))
     B, N, H, D = token_shape(q, layout)
     K, Dv = mean.shape[1], v.shape[-1]
-    if not interpret and K > MAX_CUDA_K:
-        raise UnsupportedFeature(f"triton backward on CUDA: K={K}; at most {MAX_CUDA_K}")
+    if not interpret and max(D, Dv, K) > MAX_CUDA_DIM:
+        raise UnsupportedFeature(
+            f"triton backward on CUDA: D={D}, Dv={Dv}, K={K}; the kernels keep every dim "
+            f"resident and fit shared memory up to {MAX_CUDA_DIM} each (use backend='torch' "
+            "for larger heads)")
     cfg = {**default_config(D, Dv, K), **(config or {})}
     shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
                   space.pow2_at_least(K))
@@ -210,7 +219,7 @@ def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",
                   space.pow2_at_least(K))
     variant = Variant("backward", shape, dtype, norm=norm, mask=mask)
     cfg = default_config(D, Dv, K)
-    kinds = ("scan_chunks", "scan_state", "scan") if causal else ("read", "write")
+    kinds = ("scan_chunks", "scan_q", "scan_k") if causal else ("read", "write")
     return "\n\n".join(_EMITTERS[kind][0](variant, cfg) for kind in kinds)
 
 
@@ -220,11 +229,10 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
                         norm: str = "row", eps: float = 1e-6, layout: str = "bnhd",
                         precision: str = "", config: Optional[dict] = None) -> list[Any]:
     """[dq, dk, dv, dmean, dlog_var, dlogit, dS0, dn0] of causal GMA (dS0, dn0 None
-    without an initial state).  Chunks of C = block_n tokens: the states entering
-    each chunk (exclusive prefix of per-chunk sums, plus S0) and the state
-    gradients leaving each chunk (exclusive suffix of the queries' per-chunk
-    contributions, plus the final state's cotangent) are [chunks, B*H, K, Dv]
-    float32, as large as v in float32 when C = K."""
+    without an initial state).  Chunks of C = block_n tokens, grouped into one
+    segment per program (emit_scan_backward).  What is kept between kernels: the
+    state entering each pair of chunks relative to its segment, [chunks / 2, B*H,
+    K, Dv] float32 (half the size of v in float32 when C = K), and per-segment sums."""
     import torch
 
     B, N, H, D, K, Dv, variant, interpret, cfg, bn = _setup(
@@ -232,8 +240,9 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     dev, f32 = q.device, torch.float32
     BH = B * H
     nch = max(1, cdiv(N, bn))
-    P = _programs(nch, BH, cfg, interpret, dev)
-    cps = cdiv(nch, P)
+    pairs = cdiv(nch, 2)
+    P = _programs(pairs, BH, cfg, interpret, dev)
+    cps = 2 * cdiv(pairs, P)  # even: every segment starts on a pair
     P = cdiv(nch, cps)
 
     mix, coef = _coefficient_args(mean, log_var, logit)
@@ -249,50 +258,55 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
         fn, path, _ = _kernel(kind, variant, interpret, cfg)
         launch.launch(fn, (BH, P), {**args, **extra}, warps, stages, path)
 
-    # states entering each chunk: S0 + the sums of the chunks before it
-    cs = torch.empty((nch, BH, K, Dv), dtype=f32, device=dev)
-    cn = torch.empty((nch, BH, K), dtype=f32, device=dev)
-    run("scan_chunks", {"cs_ptr": cs, "cn_ptr": cn})
-    s_in, n_in = torch.zeros_like(cs), torch.zeros_like(cn)
-    if nch > 1:
-        torch.cumsum(cs[:-1], 0, out=s_in[1:])
-        torch.cumsum(cn[:-1], 0, out=n_in[1:])
+    # the state entering each pair of chunks (relative to its segment), segment totals
+    rs = torch.empty((pairs, BH, K, Dv), dtype=f32, device=dev)
+    rn = torch.empty((pairs, BH, K), dtype=f32, device=dev)
+    ts = torch.empty((P, BH, K, Dv), dtype=f32, device=dev)
+    tn = torch.empty((P, BH, K), dtype=f32, device=dev)
+    run("scan_chunks", {"rs_ptr": rs, "rn_ptr": rn, "ts_ptr": ts, "tn_ptr": tn})
+    # the state entering each segment: S0 + the totals of the segments before it
+    seg_s, seg_n = _exclusive(ts), _exclusive(tn)
     if initial_state is not None:
-        s_in += initial_state[0].detach().to(f32).reshape(1, BH, K, Dv)
-        n_in += initial_state[1].detach().to(f32).reshape(1, BH, K)
-    del cs, cn
+        seg_s += initial_state[0].detach().to(f32).reshape(1, BH, K, Dv)
+        seg_n += initial_state[1].detach().to(f32).reshape(1, BH, K)
+    seg_args = {"ss_ptr": seg_s, "sn_ptr": seg_n}
 
-    # state gradients leaving each chunk: dstate + what later chunks' queries add
-    qs = torch.empty((nch, BH, K, Dv), dtype=f32, device=dev)
-    qn = torch.empty((nch, BH, K), dtype=f32, device=dev)
-    run("scan_state", {"sin_ptr": s_in, "nin_ptr": n_in, "qs_ptr": qs, "qn_ptr": qn})
-    suffix_s = qs.flip(0).cumsum(0).flip(0)  # inclusive: chunks c..end
-    suffix_n = qn.flip(0).cumsum(0).flip(0)
-    g_s, g_n = torch.zeros_like(qs), torch.zeros_like(qn)
-    g_s[:-1], g_n[:-1] = suffix_s[1:], suffix_n[1:]
-    ds_ext, dn_ext = dstate
-    ds0 = suffix_s[0].clone()
-    dn0 = suffix_n[0].clone()
-    if ds_ext is not None:
-        ext = ds_ext.to(f32).reshape(1, BH, K, Dv)
-        g_s += ext
-        ds0 += ext[0]
-    if dn_ext is not None:
-        ext_n = dn_ext.to(f32).reshape(1, BH, K)
-        g_n += ext_n
-        dn0 += ext_n[0]
-    del qs, qn, suffix_s, suffix_n
-
-    pa = torch.empty((P, BH, K, D), dtype=f32, device=dev)
+    pa = torch.empty((2, P, BH, K, D), dtype=f32, device=dev)  # [queries, keys]
     pb = torch.empty_like(pa)
-    pc = torch.empty((P, BH, K), dtype=f32, device=dev)
+    pc = torch.empty((2, P, BH, K), dtype=f32, device=dev)
+    qs, qn = torch.empty_like(ts), torch.empty_like(tn)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = empty_tokens(v, B, N, H, Dv, layout, v.dtype)
-    run("scan", {"sin_ptr": s_in, "nin_ptr": n_in, "gs_ptr": g_s, "gn_ptr": g_n, "pa_ptr": pa,
-                 "pb_ptr": pb, "pc_ptr": pc, **_tokens("dq", dq, layout),
-                 **_tokens("dk", dk, layout), **_tokens("dv", dv, layout)})
+    run("scan_q", {**seg_args, "qs_ptr": qs, "qn_ptr": qn, "pa_ptr": pa[0], "pb_ptr": pb[0],
+                   "pc_ptr": pc[0], **_tokens("dq", dq, layout)})
+    # the state gradient leaving each segment: dstate + what later segments' queries add
+    g_s, g_n = _exclusive(qs.flip(0)).flip(0), _exclusive(qn.flip(0)).flip(0)
+    ds0, dn0 = qs.sum(0), qn.sum(0)  # leaving the initial state
+    ds_ext, dn_ext = dstate
+    if ds_ext is not None:
+        ext = ds_ext.to(f32).reshape(BH, K, Dv)
+        g_s += ext
+        ds0 += ext
+    if dn_ext is not None:
+        ext_n = dn_ext.to(f32).reshape(BH, K)
+        g_n += ext_n
+        dn0 += ext_n
+    run("scan_k", {**seg_args, "rs_ptr": rs, "rn_ptr": rn, "gs_ptr": g_s.contiguous(), "gn_ptr": g_n.contiguous(),
+                   "pa_ptr": pa[1], "pb_ptr": pb[1], "pc_ptr": pc[1],
+                   **_tokens("dk", dk, layout), **_tokens("dv", dv, layout)})
     grads = [dq, dk, dv] + _mixture_grads(pa, pb, pc, B, mix, (mean, log_var, logit))
     if initial_state is None:
         return grads + [None, None]
     s0, n0 = initial_state
     return grads + [ds0.view(B, H, K, Dv).to(s0.dtype), dn0.view(B, H, K).to(n0.dtype)]
+
+
+def _exclusive(t: Any) -> Any:
+    """Exclusive prefix sum along dim 0 (a fresh tensor; no subtraction, so exact
+    zeros stay zeros)."""
+    import torch
+
+    out = torch.zeros_like(t)
+    if t.shape[0] > 1:
+        torch.cumsum(t[:-1], 0, out=out[1:])
+    return out

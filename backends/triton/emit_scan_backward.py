@@ -1,14 +1,27 @@
-"""Backward kernels of causal GMA, one program per chunk of C = BLOCK_N tokens.
+"""Backward kernels of causal GMA: chunks of C = BLOCK_N tokens, CPS chunks per program.
 
-Must match ``oracle_grad.causal_scan_vjp`` + ``responsibility_vjp``.  Three kernels:
+Must match ``oracle_grad.causal_scan_vjp`` + ``responsibility_vjp``.  A program
+owns a segment of consecutive chunks (an even number) and carries state through
+it in registers, so what lives in memory between kernels is one state per PAIR
+of chunks (the state entering it, relative to its segment: half the size of v in
+float32 when C = K) plus a few per-segment sums:
 
-  gma_scan_bwd_chunks  per chunk: sum_j w_j v_j^T and sum_j w_j (w = m r_k), whose
-                       exclusive prefix (plus S0) is the state entering each chunk
-  gma_scan_bwd_state   per chunk: what its queries add to the gradient of the state,
-                       sum_i rho_i dy_i^T and -sum_i zeta_i (see below); their
-                       exclusive suffix (plus the final state's cotangent) is the
-                       gradient of the state leaving each chunk
-  gma_scan_bwd         per chunk: dq, dk, dv and the chunk's mixture sums
+  gma_scan_bwd_chunks  forward over the segment: the state entering each pair of
+                       chunks relative to the segment start (sum_j w_j v_j^T and
+                       sum_j w_j over the segment's earlier keys, w = m r_k), and
+                       the segment's total; the host's exclusive prefix of the
+                       totals (plus S0) is the state entering each segment
+  gma_scan_bwd_q       forward over the segment, carrying the state: dq, the
+                       queries' mixture sums, and what the segment's queries add
+                       to the state gradient, sum_i rho_i dy_i^T and -sum_i zeta_i
+                       (below); the host's exclusive suffix of those (plus the
+                       final state's cotangent) is the gradient of the state
+                       leaving each segment
+  gma_scan_bwd_k       backward over the segment's pairs, carrying the state
+                       gradient: per pair, the stored state entering it plus the
+                       first chunk's keys give the state entering the second;
+                       then dk, dv and the keys' mixture sums of the second chunk,
+                       then of the first
 
 Inside a chunk (i, j tokens of the chunk, M_ij = [i >= j], S(i), n(i) the
 inclusive state, dy = dL/dy):
@@ -39,26 +52,35 @@ def _params(v: Variant, extra: list[str]) -> list[str]:
 
 
 def _head(c: Code) -> None:
-    """Indices and the head's coefficients; then the loop over this program's chunks
-    (CPS chunks per program, so per-program partial sums stay few)."""
+    """Indices, the head's coefficients and this program's chunks [lo, hi)."""
     coefficient_loads(c)
     c("kv = offs_k[:, None] * DV + offs_dv[None, :]",
       "kv_ok = k_ok[:, None] & dv_ok[None, :]",
       "ii = tl.arange(0, BLOCK_N)",
       "tri = (ii[:, None] >= ii[None, :]).to(tl.float32)  # M_ij = [i >= j]",
-      "p = tl.program_id(1)")
+      "p = tl.program_id(1)",
+      "seg = (tl.zeros([], dtype=tl.int64) + p) * BH + bh64  # row of the per-segment arrays",
+      "lo = p * CPS  # CPS is even: segments start on a pair",
+      "hi = tl.minimum(lo + CPS, NCH + NCH % 2)  # a padding chunk past N is all masked")
     for t in ("q", "k", "v", "dy"):
         token_base(c, t)
 
 
-def _loop(c: Code) -> None:
-    c("for ch in range(p * CPS, tl.minimum(p * CPS + CPS, NCH)):")
-    c.indent()
-    c("ch64 = tl.zeros([], dtype=tl.int64) + ch  # (the interpreter hands out Python ints)",
+def _at_chunk(c: Code, ch: str) -> None:
+    """Rows of chunk ``ch`` and the row of its pair in the per-pair state arrays."""
+    c(f"ch = {ch}",
+      "ch64 = tl.zeros([], dtype=tl.int64) + ch  # (the interpreter hands out Python ints)",
       "offs_n = ch * BLOCK_N + tl.arange(0, BLOCK_N)",
       "n_ok = offs_n < N",
       "rows = offs_n.to(tl.int64)",
-      "state = ch64 * BH + bh64  # row of the per-chunk state arrays")
+      "state = (ch64 // 2) * BH + bh64")
+
+
+def _loop(c: Code) -> None:
+    """The forward loop over the program's chunks."""
+    c("for step in range(0, hi - lo):")
+    c.indent()
+    _at_chunk(c, "lo + step")
 
 
 def _chunk_start(c: Code, v: Variant, queries: bool) -> None:
@@ -71,13 +93,20 @@ def _chunk_start(c: Code, v: Variant, queries: bool) -> None:
       "mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)")
 
 
-def _chunk_reads(c: Code, v: Variant) -> None:
-    """The queries' read of the inclusive state: rho, zeta, dRq (module docstring)."""
+def _segment_state(c: Code) -> None:
+    """The state entering this program's segment (host prefix of the segment totals)."""
+    c("seg_s = tl.load(ss_ptr + seg * (K * DV) + kv, mask=kv_ok, other=0.0)",
+      "seg_n = tl.load(sn_ptr + seg * K + offs_k, mask=k_ok, other=0.0)")
+
+
+def _chunk_reads(c: Code, v: Variant, s_in: str, n_in: str) -> None:
+    """The queries' read of the inclusive state: rho, zeta, dRq (module docstring),
+    given the state entering the chunk."""
     c("rq = tl.where(n_ok[:, None], rq, 0.0)",
       "g = tl.load(dy_base + rows[:, None] * dy_sn + offs_dv[None, :] * dy_sd, "
       "mask=n_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # dL/dy",
-      "s_in = tl.load(sin_ptr + state * (K * DV) + kv, mask=kv_ok, other=0.0)",
-      "n_in = tl.load(nin_ptr + state * K + offs_k, mask=k_ok, other=0.0)",
+      f"s_in = {s_in}",
+      f"n_in = {n_in}",
       "n_i = n_in[None, :] + tl.dot(tri, w, input_precision='ieee')  # n(i) [BLOCK_N, BLOCK_K]",
       "pv = tl.dot(g, tl.trans(vt), input_precision=DATA_PRECISION) * tri  # dy_i . v_j",
       "t_ik = tl.dot(g, tl.trans(s_in), input_precision=DATA_PRECISION) + "
@@ -98,58 +127,25 @@ def _chunk_reads(c: Code, v: Variant) -> None:
           "drq = t_ik * inv")
 
 
-def _grid_doc() -> str:
-    return "(B*H, programs of CPS chunks)"
+def _token_grad(c: Code, t: str, r: str, dr: str) -> None:
+    """Softmax backward of ``dr``; the token gradient; this program's mixture sums."""
+    c(f"dl = {r} * ({dr} - tl.sum({dr} * {r}, 1)[:, None])",
+      "dl = tl.where(k_ok[None, :] & n_ok[:, None], dl, 0.0)",
+      f"dx = (2.0 * x{t} * tl.dot(dl, tl.trans(a2), input_precision=DATA_PRECISION) + "
+      "tl.dot(dl, tl.trans(b2), input_precision=DATA_PRECISION)) * INV_LOG2E",
+      f"tl.store(d{t}_base + rows[:, None] * d{t}_sn + offs_d[None, :] * d{t}_sd, "
+      f"dx.to(d{t}_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])",
+      f"acc_a += tl.dot(tl.trans(dl), x{t} * x{t}, input_precision=DATA_PRECISION)",
+      f"acc_b += tl.dot(tl.trans(dl), x{t}, input_precision=DATA_PRECISION)",
+      "acc_c += tl.sum(dl, 0)")
 
 
-def emit_chunks(v: Variant, config: dict) -> str:
-    c = Code()
-    c(*_constants(v), "", "")
-    kernel_start(c, "gma_scan_bwd_chunks", _params(v, ["cs_ptr", "cn_ptr"]), _grid_doc())
-    _head(c)
-    _loop(c)
-    _chunk_start(c, v, queries=False)
-    c("tl.store(cs_ptr + state * (K * DV) + kv, tl.dot(tl.trans(w), vt, "
-      "input_precision='ieee'), mask=kv_ok)",
-      "tl.store(cn_ptr + state * K + offs_k, tl.sum(w, 0), mask=k_ok)")
-    return header("gma_scan_bwd_chunks", "per-chunk slot_write sums (states entering each "
-                  "chunk)", v.describe(), config) + c.text()
-
-
-def emit_state(v: Variant, config: dict) -> str:
-    c = Code()
-    c(*_constants(v), "", "")
-    kernel_start(c, "gma_scan_bwd_state", _params(v, ["sin_ptr", "nin_ptr", "qs_ptr", "qn_ptr"]),
-                 _grid_doc())
-    _head(c)
-    _loop(c)
+def _key_chunk(c: Code, v: Variant, s_in: str, n_in: str) -> None:
+    """dk, dv of one chunk given the state entering it and q_next / n_next, the state
+    gradient leaving it; then the state gradient leaving the chunk before."""
     _chunk_start(c, v, queries=True)
-    _chunk_reads(c, v)
-    c("tl.store(qs_ptr + state * (K * DV) + kv, tl.dot(tl.trans(rho), g, "
-      "input_precision='ieee'), mask=kv_ok)  # sum_i rho_i dy_i^T",
-      "tl.store(qn_ptr + state * K + offs_k, -tl.sum(zeta, 0), mask=k_ok)")
-    return header("gma_scan_bwd_state", f"per-chunk state gradient from the queries ({v.norm} "
-                  "norm)", v.describe(), config) + c.text()
-
-
-def emit_grads(v: Variant, config: dict) -> str:
-    c = Code()
-    c(*_constants(v), "", "")
-    params = _params(v, ["sin_ptr", "nin_ptr", "gs_ptr", "gn_ptr", "pa_ptr", "pb_ptr", "pc_ptr",
-                         *token_args("dq"), *token_args("dk"), *token_args("dv")])
-    kernel_start(c, "gma_scan_bwd", params, _grid_doc())
-    _head(c)
-    for t in ("dq", "dk", "dv"):
-        token_base(c, t)
-    c("acc_a = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # mixture sums of this program",
-      "acc_b = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)",
-      "acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)")
-    _loop(c)
-    _chunk_start(c, v, queries=True)
-    _chunk_reads(c, v)
-    c("q_next = tl.load(gs_ptr + state * (K * DV) + kv, mask=kv_ok, other=0.0)  # dL/dS leaving",
-      "n_next = tl.load(gn_ptr + state * K + offs_k, mask=k_ok, other=0.0)",
-      "aff_rho = tl.dot(rho, tl.trans(w), input_precision=DATA_PRECISION) * tri  # rho_i . w_j",
+    _chunk_reads(c, v, s_in, n_in)
+    c("aff_rho = tl.dot(rho, tl.trans(w), input_precision=DATA_PRECISION) * tri  # rho_i . w_j",
       "gv = tl.dot(tl.trans(aff_rho), g, input_precision=DATA_PRECISION) + "
       "tl.dot(w, q_next, input_precision=DATA_PRECISION)",
       "tl.store(dv_base + rows[:, None] * dv_sn + offs_dv[None, :] * dv_sd, "
@@ -158,17 +154,99 @@ def emit_grads(v: Variant, config: dict) -> str:
       " + tl.dot(tl.trans(pv), rho, input_precision=DATA_PRECISION)"
       " - tl.dot(tl.trans(tri), zeta, input_precision='ieee'))",
       "drk = tl.where(keep[:, None], dw, 0.0)  # through w = m r_k")
-    for t, r, dr in (("q", "rq", "drq"), ("k", "rk", "drk")):
-        c(f"dl = {r} * ({dr} - tl.sum({dr} * {r}, 1)[:, None])",
-          "dl = tl.where(k_ok[None, :] & n_ok[:, None], dl, 0.0)",
-          f"dx = (2.0 * x{t} * tl.dot(dl, tl.trans(a2), input_precision=DATA_PRECISION) + "
-          "tl.dot(dl, tl.trans(b2), input_precision=DATA_PRECISION)) * INV_LOG2E",
-          f"tl.store(d{t}_base + rows[:, None] * d{t}_sn + offs_d[None, :] * d{t}_sd, "
-          f"dx.to(d{t}_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])",
-          f"acc_a += tl.dot(tl.trans(dl), x{t} * x{t}, input_precision=DATA_PRECISION)",
-          f"acc_b += tl.dot(tl.trans(dl), x{t}, input_precision=DATA_PRECISION)",
-          "acc_c += tl.sum(dl, 0)")
+    _token_grad(c, "k", "rk", "drk")
+    c("q_next += tl.dot(tl.trans(rho), g, input_precision='ieee')  # now leaving the chunk before",
+      "n_next -= tl.sum(zeta, 0)")
+
+
+def _mixture_accumulators(c: Code) -> None:
+    c("acc_a = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)  # mixture sums of this program",
+      "acc_b = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)",
+      "acc_c = tl.zeros([BLOCK_K], dtype=tl.float32)")
+
+
+_GRID = "(B*H, programs of CPS chunks)"
+
+
+def emit_chunks(v: Variant, config: dict) -> str:
+    c = Code()
+    c(*_constants(v), "", "")
+    kernel_start(c, "gma_scan_bwd_chunks", _params(v, ["rs_ptr", "rn_ptr", "ts_ptr", "tn_ptr"]),
+                 _GRID)
+    _head(c)
+    c("carry_s = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)  # relative to the segment",
+      "carry_n = tl.zeros([BLOCK_K], dtype=tl.float32)")
+    _loop(c)
+    c("first = step % 2 == 0  # the state entering each pair",
+      "tl.store(rs_ptr + state * (K * DV) + kv, carry_s, mask=kv_ok & first)",
+      "tl.store(rn_ptr + state * K + offs_k, carry_n, mask=k_ok & first)")
+    _chunk_start(c, v, queries=False)
+    c("carry_s += tl.dot(tl.trans(w), vt, input_precision='ieee')",
+      "carry_n += tl.sum(w, 0)")
+    c.dedent()
+    c("tl.store(ts_ptr + seg * (K * DV) + kv, carry_s, mask=kv_ok)  # the segment's total",
+      "tl.store(tn_ptr + seg * K + offs_k, carry_n, mask=k_ok)")
+    return header("gma_scan_bwd_chunks", "states entering each pair of chunks, relative to "
+                  "its segment",
+                  v.describe(), config) + c.text()
+
+
+def emit_queries(v: Variant, config: dict) -> str:
+    c = Code()
+    c(*_constants(v), "", "")
+    params = _params(v, ["ss_ptr", "sn_ptr", "qs_ptr", "qn_ptr",
+                         "pa_ptr", "pb_ptr", "pc_ptr", *token_args("dq")])
+    kernel_start(c, "gma_scan_bwd_q", params, _GRID)
+    _head(c)
+    token_base(c, "dq")
+    _segment_state(c)
+    _mixture_accumulators(c)
+    c("acc_s = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)  # what the queries add to dL/dS",
+      "acc_n = tl.zeros([BLOCK_K], dtype=tl.float32)",
+      "carry_s = seg_s  # the state entering the chunk",
+      "carry_n = seg_n")
+    _loop(c)
+    _chunk_start(c, v, queries=True)
+    _chunk_reads(c, v, "carry_s", "carry_n")
+    c("acc_s += tl.dot(tl.trans(rho), g, input_precision='ieee')  # sum_i rho_i dy_i^T",
+      "acc_n -= tl.sum(zeta, 0)")
+    _token_grad(c, "q", "rq", "drq")
+    c("carry_s += tl.dot(tl.trans(w), vt, input_precision='ieee')",
+      "carry_n += tl.sum(w, 0)")
+    c.dedent()
+    c("tl.store(qs_ptr + seg * (K * DV) + kv, acc_s, mask=kv_ok)",
+      "tl.store(qn_ptr + seg * K + offs_k, acc_n, mask=k_ok)")
+    _store_partials(c)
+    return header("gma_scan_bwd_q", f"dq, and the queries' share of the state gradient ({v.norm} "
+                  "norm)", v.describe(), config) + c.text()
+
+
+def emit_keys(v: Variant, config: dict) -> str:
+    c = Code()
+    c(*_constants(v), "", "")
+    params = _params(v, ["rs_ptr", "rn_ptr", "ss_ptr", "sn_ptr", "gs_ptr", "gn_ptr",
+                         "pa_ptr", "pb_ptr", "pc_ptr", *token_args("dk"), *token_args("dv")])
+    kernel_start(c, "gma_scan_bwd_k", params, _GRID)
+    _head(c)
+    for t in ("dk", "dv"):
+        token_base(c, t)
+    _segment_state(c)
+    _mixture_accumulators(c)
+    c("q_next = tl.load(gs_ptr + seg * (K * DV) + kv, mask=kv_ok, other=0.0)  # dL/dS leaving",
+      "n_next = tl.load(gn_ptr + seg * K + offs_k, mask=k_ok, other=0.0)")
+    c("for step in range(0, (hi - lo) // 2):")
+    c.indent()
+    _at_chunk(c, "hi - 2 - 2 * step")
+    c("s_first = seg_s + tl.load(rs_ptr + state * (K * DV) + kv, mask=kv_ok, other=0.0)",
+      "n_first = seg_n + tl.load(rn_ptr + state * K + offs_k, mask=k_ok, other=0.0)")
+    _chunk_start(c, v, queries=False)
+    c("s_second = s_first + tl.dot(tl.trans(w), vt, input_precision='ieee')",
+      "n_second = n_first + tl.sum(w, 0)")
+    for which, ch in (("second", "hi - 1 - 2 * step"), ("first", "hi - 2 - 2 * step")):
+        c(f"# the pair's {which} chunk")
+        _at_chunk(c, ch)
+        _key_chunk(c, v, f"s_{which}", f"n_{which}")
     c.dedent()
     _store_partials(c)
-    return header("gma_scan_bwd", f"gradients through causal_scan ({v.norm} norm) and both "
-                  "responsibilities", v.describe(), config) + c.text()
+    return header("gma_scan_bwd_k", f"dk and dv, the state gradient carried backwards ({v.norm} "
+                  "norm)", v.describe(), config) + c.text()

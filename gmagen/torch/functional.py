@@ -10,7 +10,7 @@ from torch import Tensor
 
 from gmagen.backends.registry import backend_availability
 from gmagen.dsl import check_choice, check_eps
-from gmagen.errors import BackendUnavailable, FrameworkError, ShapeError
+from gmagen.errors import BackendUnavailable, FrameworkError, ShapeError, UnsupportedFeature
 from gmagen.ir import ops as _ops
 
 from .op import gma_op
@@ -43,6 +43,18 @@ def _check_tensor(arg: str, t: object, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise FrameworkError(f"gmagen.torch.gma: {arg} must be a torch.Tensor, got "
                              f"{type(t).__name__}")
+
+
+def _check_backward_dims(q: Tensor, v: Tensor, mean: Tensor) -> None:
+    """Refuse before the forward runs what the Triton backward kernels cannot do."""
+    from gmagen.backends.triton.backward import MAX_CUDA_DIM
+
+    D, Dv, K = q.shape[-1], v.shape[-1], mean.shape[1]
+    if max(D, Dv, K) > MAX_CUDA_DIM:
+        raise UnsupportedFeature(
+            f"gmagen.torch.gma: backend='triton' with gradients on CUDA supports D, Dv, K up to "
+            f"{MAX_CUDA_DIM}; got D={D}, Dv={Dv}, K={K} (the forward alone runs up to 256; "
+            "backend='torch' differentiates any size)")
 
 
 def gma(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var: Tensor, logit: Tensor, *,
@@ -91,6 +103,9 @@ def gma(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var: Tensor, logit: T
     elif backend not in BACKENDS:
         raise BackendUnavailable(f"gmagen.torch.gma: backend={backend!r}; expected one of "
                                  f"{', '.join(BACKENDS)} or None")
+    if backend == "triton" and q.device.type == "cuda" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, mean, log_var, logit, s0, n0)):
+        _check_backward_dims(q, v, mean)
     y, s, n = gma_op(q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm, eps, layout,
                      backend)
     return (y, (s, n)) if return_state else y

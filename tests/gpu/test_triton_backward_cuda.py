@@ -77,3 +77,13 @@ def test_backward_deterministic_at_benchmark_shape(causal):
         grads.append([x.grad for x in leaves])
     for name, a, b in zip(NAMES, *grads):
         assert torch.equal(a, b), f"d{name} differs between two runs"
+
+
+def test_backward_refuses_large_heads_before_running():
+    q = torch.randn(1, 8, 1, 128, device="cuda", requires_grad=True)
+    mix = [torch.zeros(1, 4, 128, device="cuda"), torch.zeros(1, 4, 128, device="cuda"),
+           torch.zeros(1, 4, device="cuda")]
+    with pytest.raises(gmagen.errors.UnsupportedFeature, match="D=128"):
+        gt.gma(q, q, q, *mix, backend="triton")
+    with torch.no_grad():  # the forward alone runs
+        assert gt.gma(q, q, q, *mix, backend="triton").shape == (1, 8, 1, 128)

@@ -1,6 +1,6 @@
 """Triton backward kernels in the interpreter, float32, against the oracle's analytic
 VJPs (``oracle_grad.run_vjp``): bidirectional (gma_read_bwd, gma_write_bwd) and
-causal (gma_scan_bwd_chunks, gma_scan_bwd_state, gma_scan_bwd)."""
+causal (gma_scan_bwd_chunks, gma_scan_bwd_q, gma_scan_bwd_k)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,8 @@ HARD = {
     "D70-Dv100": dict(D=70, Dv=100, N=20),      # not powers of two, masked tails
     # 9 tiles of 16 over 3 programs (causal: 3 chunks per program)
     "N130-3-segments": dict(N=130, config={"block_n": 16, "segments": 3}),
+    # 7 tiles of 16 over 3 programs: the last program has one chunk
+    "N100-uneven-segments": dict(N=100, config={"block_n": 16, "segments": 3}),
     "fully-masked": dict(mask="fully-masked"),
     "bhnd": dict(layout="bhnd"),
     "only-dy": dict(dstate=False),
@@ -152,5 +154,5 @@ def test_backward_source_is_readable():
     assert "def gma_read_bwd(" in src and "def gma_write_bwd(" in src
     assert "# config:" in src and "norm=slot" in src and "mask_ptr" in src
     src = sources(D=20, Dv=33, K=5, causal=True)
-    for name in ("gma_scan_bwd_chunks", "gma_scan_bwd_state", "gma_scan_bwd"):
+    for name in ("gma_scan_bwd_chunks", "gma_scan_bwd_q", "gma_scan_bwd_k"):
         assert f"def {name}(" in src

@@ -87,14 +87,17 @@ def _kernel(kind: str, v: Variant, interpret: bool, config: dict):
 MAX_CUDA_DIM = 64
 
 
-def default_config(D: int, Dv: int, K: int) -> dict:
-    """Tiles of 32 tokens and 8 warps: with 4 warps or 64 tokens the kernels spill
-    kilobytes of registers per thread (ptxas, sm_90)."""
-    return {"block_n": 32 if max(D, Dv, K) > 16 else 16, "num_warps": 8, "num_stages": 1,
-            "segments": 0}
+def default_config(D: int, Dv: int, K: int, causal: bool = False) -> dict:
+    """8 warps, tiles of 32 tokens (bidirectional) or chunks of 16 (causal): measured
+    on the H100 at the benchmark shape (benchmarks/explore_backward.py: bidirectional
+    15.6 ms vs 17.1-23.5 ms for the other tiles and warps; causal 70 ms vs 114 ms at
+    32, 64 does not fit).  With 4 warps the kernels spill kilobytes of registers per
+    thread (ptxas, sm_90)."""
+    return {"block_n": 16 if causal or max(D, Dv, K) <= 16 else 32, "num_warps": 8,
+            "num_stages": 1, "segments": 0}
 
 
-def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
+def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config, causal):
     """Checks, sizes, the Variant the kernels are specialized on, and the config."""
     from . import _probe  # decided once per process, before triton is imported
 
@@ -113,7 +116,7 @@ def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config):
             f"triton backward on CUDA: D={D}, Dv={Dv}, K={K}; the kernels keep every dim "
             f"resident and fit shared memory up to {MAX_CUDA_DIM} each (use backend='torch' "
             "for larger heads)")
-    cfg = {**default_config(D, Dv, K), **(config or {})}
+    cfg = {**default_config(D, Dv, K, causal), **(config or {})}
     shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
                   space.pow2_at_least(K))
     variant = Variant("backward", shape, dtype, norm=norm, eps=float(eps),
@@ -158,7 +161,7 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     """[dq, dk, dv, dmean, dlog_var, dlogit] of bidirectional GMA (torch tensors)."""
     import torch
 
-    setup = _setup(q, v, mean, key_mask, norm, eps, layout, precision, config)
+    setup = _setup(q, v, mean, key_mask, norm, eps, layout, precision, config, False)
     B, N, H, D, K, Dv, variant, interpret, cfg, bn = setup
     dev, f32 = q.device, torch.float32
     BH = B * H
@@ -218,7 +221,7 @@ def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",
     shape = Shape(D, Dv, K, space.pow2_at_least(D), space.pow2_at_least(Dv),
                   space.pow2_at_least(K))
     variant = Variant("backward", shape, dtype, norm=norm, mask=mask)
-    cfg = default_config(D, Dv, K)
+    cfg = default_config(D, Dv, K, causal)
     kinds = ("scan_chunks", "scan_q", "scan_k") if causal else ("read", "write")
     return "\n\n".join(_EMITTERS[kind][0](variant, cfg) for kind in kinds)
 
@@ -236,7 +239,7 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     import torch
 
     B, N, H, D, K, Dv, variant, interpret, cfg, bn = _setup(
-        q, v, mean, key_mask, norm, eps, layout, precision, config)
+        q, v, mean, key_mask, norm, eps, layout, precision, config, True)
     dev, f32 = q.device, torch.float32
     BH = B * H
     nch = max(1, cdiv(N, bn))

@@ -36,7 +36,9 @@ def _load(name: str) -> Backend | Availability:
         return Availability(False, f"cannot import {BACKENDS[name]}: {exc}")
     backend = getattr(module, "BACKEND", None)
     if not isinstance(backend, Backend):
-        return Availability(False, f"{BACKENDS[name]} defines no BACKEND")
+        # a backend package still being built says what is missing
+        return Availability(False, getattr(module, "UNAVAILABLE", None)
+                            or f"{BACKENDS[name]} defines no BACKEND")
     return backend
 
 

@@ -1,4 +1,5 @@
-"""Markdown table and plots from benchmarks/results/<gpu>.json.
+"""Markdown table and plots from benchmarks/results/<gpu>.json (forward, decode) or
+<gpu>_training.json (forward + backward, variants "<v>-fwdbwd").
 
     python benchmarks/report.py benchmarks/results/h100.json
 writes <stem>.md, <stem>_time.png and <stem>_memory.png beside the JSON.
@@ -13,21 +14,32 @@ from pathlib import Path
 IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "sdpa-flash", "eager-gma", "compiled-gma", "floor"]
 
 
+def variants(records: list[dict]) -> list[str]:
+    """The token-sequence variants present, forward before forward + backward."""
+    order = ("bidirectional", "causal", "bidirectional-fwdbwd", "causal-fwdbwd")
+    return [v for v in order if any(r["variant"] == v for r in records)]
+
+
 def table(records: list[dict]) -> str:
     r0 = records[0]
     v = r0["versions"]
+    training = any(r["variant"].endswith("-fwdbwd") for r in records)
+    timing = ("forward + backward with a fixed cotangent, fresh leaves per call; median of "
+              "CUDA-event timings including launch overhead; extra memory: peak during the "
+              "call minus inputs and the returned gradients" if training else
+              "median of CUDA-event timings; N <= 16384 as CUDA-graph replays, launch "
+              "overhead excluded, for every implementation alike")
     lines = [f"GPU: {r0['gpu']}; CUDA {v['cuda']}, PyTorch {v['torch']}, Triton {v['triton']}, "
              f"gmagen {v['gmagen']} (commit {v['commit']}); copy bandwidth "
              f"{r0['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. B=4, H=16, D=Dv=K=64, bfloat16, bnhd. "
-             "Time in ms (median of CUDA-event timings; N <= 16384 as CUDA-graph replays, "
-             "launch overhead excluded, for every implementation alike); extra memory in MB.", ""]
-    for variant in ("bidirectional", "causal"):
+             f"Time in ms ({timing}); extra memory in MB.", ""]
+    for variant in variants(records):
         rows = [r for r in records if r["variant"] == variant]
         ns = sorted({r["N"] for r in rows})
         lines.append(f"**{variant}**\n")
         lines.append("| impl | " + " | ".join(f"N={n}" for n in ns) + " | extra MB at N=" + str(ns[-1]) + " |")
         lines.append("|---" * (len(ns) + 2) + "|")
-        for impl in IMPLS:
+        for impl in [i for i in IMPLS if any(r["impl"] == i for r in rows)]:
             cells = []
             for n in ns:
                 hit = [r for r in rows if r["impl"] == impl and r["N"] == n]
@@ -62,8 +74,9 @@ def plots(records: list[dict], stem: Path) -> None:
     import matplotlib.pyplot as plt
 
     for what, key, ylabel in (("time", "ms", "time (ms)"), ("memory", "extra_bytes", "extra memory (bytes)")):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, variant in zip(axes, ("bidirectional", "causal")):
+        names = variants(records)
+        fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2))
+        for ax, variant in zip(list(axes) if len(names) > 1 else [axes], names):
             for impl in IMPLS:
                 pts = sorted((r["N"], r[key]) for r in records if r["variant"] == variant
                              and r["impl"] == impl and r.get(key))
@@ -75,7 +88,7 @@ def plots(records: list[dict], stem: Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_title(f"{variant}, {records[0]['gpu']}")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=8)
+        (axes[0] if len(names) > 1 else axes).legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_{what}.png", dpi=110)
         plt.close(fig)

@@ -84,7 +84,10 @@ def compile_for(fn: Any, arch: int, *, token_dtype: str, constexprs: dict[str, A
     """Compile JITFunction ``fn`` for ``sm_{arch}`` and report its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
 
+    if not isinstance(fn, JITFunction):  # loaded under TRITON_INTERPRET: the same Python def
+        fn = JITFunction(fn.fn)
     sig = signature(fn, token_dtype)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -93,3 +96,44 @@ def compile_for(fn: Any, arch: int, *, token_dtype: str, constexprs: dict[str, A
     # Triton's shared memory is dynamic: the metadata has it, the cubin only the static part
     return Resources(fn.__name__, arch, int(kernel.metadata.shared) + usage.get("SHARED", 0),
                      usage.get("REG", 0), usage.get("STACK", 0), usage.get("LOCAL", 0))
+
+
+def backward_resources(D: int, causal: bool, arch: int, dtype: str = "bf16",
+                       config: Optional[dict] = None) -> list[Resources]:
+    """Each backward kernel of one specialization (mask on, row norm) at the default
+    config (or ``config``), compiled for ``sm_{arch}``.  Run it in a process without
+    TRITON_INTERPRET: the interpreter patches triton.language for the whole process."""
+    import warnings
+
+    from . import backward, launch
+    from .prelude import Shape
+    from .variant import Variant
+
+    cfg = {**backward.default_config(D, D, D, causal), **(config or {})}
+    variant = Variant("backward", Shape(D, D, D, D, D, D), dtype, norm="row", eps=1e-6, mask=True)
+    out = []
+    for kind in (("scan_chunks", "scan_q", "scan_k") if causal else ("read", "write")):
+        emit, name = backward._EMITTERS[kind]
+        fn = getattr(launch.load(emit(variant, cfg), False), name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Triton 3.9's FP-fusion default notice
+            out.append(compile_for(fn, arch, token_dtype=dtype,
+                                   constexprs={"BLOCK_N": cfg["block_n"]},
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return out
+
+
+def main() -> None:
+    """python -m gmagen.backends.triton.aot D causal arch [json-config]: one JSON line
+    per kernel."""
+    import json
+    import sys
+
+    D, causal, arch = int(sys.argv[1]), sys.argv[2] == "causal", int(sys.argv[3])
+    config = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+    for r in backward_resources(D, causal, arch, config=config):
+        print(json.dumps({**r.__dict__, "fits": r.fits}))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 from gmagen import knobs
 from gmagen.backends.base import Availability

@@ -15,7 +15,7 @@ import numpy as np
 from gmagen.errors import (DeviceError, DTypeError, FrameworkError, LayoutError, ShapeError,
                            format_shape)
 from gmagen.ir.program import Program
-from gmagen.ir.types import FLOAT_DTYPES, LAYOUTS, MemoryType, TensorType
+from gmagen.ir.types import FLOAT_DTYPES, LAYOUTS, MemoryType
 
 from .dlpack import device_of, device_str, dtype_display, dtype_of, framework_of
 

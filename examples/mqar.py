@@ -414,16 +414,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"  {name}: eval acc {r['final_acc']:.3f}, eval loss {r['final_loss']:.3f}, "
               f"{r['train_time_s']:.1f} s, {r['tokens_per_s']:.0f} tokens/s", flush=True)
         results.append(r)
-    if not results:
-        return
-    print_table(results)
-    out = Path(args.out)
+        save(results, skipped, cfg, Path(args.out))  # after each mixer: a cut-off run keeps it
+    if results:
+        print_table(results)
+        print(f"wrote {Path(args.out) / 'mqar.json'} and {Path(args.out) / 'mqar.png'}")
+
+
+def save(results: list[dict], skipped: dict, cfg: MQARConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "skipped": skipped, "results": results}
     (out / "mqar.json").write_text(json.dumps(meta, indent=1))
     plot(results, cfg, out / "mqar.png")
-    print(f"wrote {out / 'mqar.json'} and {out / 'mqar.png'}")
 
 
 if __name__ == "__main__":

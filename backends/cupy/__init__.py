@@ -1,7 +1,114 @@
-"""CuPy raw-CUDA backend (in progress): ``nvrtc.py`` compiles CUDA C++ for any
-``sm_XX`` through NVRTC, without a GPU, with an in-memory and on-disk cache.  The
-emitters that generate the GMA kernels from the plans are not written yet, so the
-backend registers as unavailable and says why."""
+"""CuPy backend: CUDA C++ generated from the IR's plans, compiled with NVRTC,
+launched through CuPy (``gmagen.compile(p, backend="cupy")``).
 
-UNAVAILABLE = ("backend 'cupy' is not implemented in this version of gmagen (its NVRTC "
-               "compile layer, gmagen.backends.cupy.nvrtc, is; the kernel emitters are not)")
+Lowering needs no GPU: with ``arch="sm_90"`` (any arch NVRTC knows) the
+kernels are generated and compiled here, so ``kernel.source`` and the cubins
+(``executable.compiled[...]``: ptxas resources, PTX) can be inspected on a CPU
+machine; running needs a CUDA device.  Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+from gmagen.config import Config
+from gmagen.errors import OptionError
+from gmagen.ir.passes.plan import KernelPlan
+
+from ..base import Availability, Backend, Executable
+
+
+@lru_cache(maxsize=1)
+def _probe() -> tuple[bool, str, bool]:
+    """(can compile, reason, has a CUDA device)."""
+    try:
+        import cupy  # noqa: F401
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or a CUDA library that does not load
+        return False, (f"cupy with NVRTC is not usable ({type(exc).__name__}: {exc}); "
+                       f"pip install 'gmagen[cupy]'"), False
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return True, f"no CUDA device ({type(exc).__name__}: {exc})", False
+    if count < 1:
+        return True, "no CUDA device", False
+    return True, "", True
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    native = "cupy"
+    devices = ("cuda",)
+    dtypes = ("f16", "bf16", "f32")
+    options = {"arch": ()}
+
+    def availability(self) -> Availability:
+        compiles, reason, device = _probe()
+        if not compiles:
+            return Availability(False, reason)
+        if not device:
+            return Availability(False, f"{reason}; kernels still generate and compile with "
+                                       f"an explicit arch (arch='sm_90')")
+        return Availability(True)
+
+    def lowering_availability(self, options: Mapping[str, Any]) -> Availability:
+        """Can ``lower`` run here with ``options``?  Without a device it can when an
+        arch is given (for gmagen.compile's compile-only path)."""
+        compiles, reason, device = _probe()
+        if not compiles:
+            return Availability(False, reason)
+        if device or options.get("arch"):
+            return Availability(True)
+        return Availability(False, f"{reason}; pass arch='sm_90' to generate and compile only")
+
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().check_options(options)
+        if "arch" in out:
+            from .nvrtc import normalize_arch
+
+            out["arch"] = normalize_arch(out["arch"])
+        return out
+
+    def default_config(self, kernel: KernelPlan, binding: Any) -> Config:
+        from . import space
+
+        dims = binding.dims
+        K = dims.get("K", 64)
+        return space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
+                                    binding.dtypes.get("T", "f32"))
+
+    def lower(self, kernel: KernelPlan, binding: Any, config: Config,
+              options: Mapping[str, Any]) -> Executable:
+        from . import space
+        from .lower import CupyExecutable
+
+        arch = options.get("arch") or _device_arch(binding.device[1])
+        full = self.default_config(kernel, binding).replace(**dict(config))
+        return CupyExecutable(kernel, binding, space.validate(kernel.kind, full), arch)
+
+    def describe(self) -> str:
+        return ("cupy: CUDA C++ through NVRTC (f32/f16/bf16, float32 accumulation); every "
+                "variant, key mask, state, both layouts, any strides; compiles without a GPU "
+                "given arch=; no varlen yet")
+
+
+def _device_arch(device: int) -> str:
+    try:
+        import cupy
+
+        cc = cupy.cuda.Device(device).compute_capability
+    except Exception as exc:
+        raise OptionError(f"cupy: no CUDA device {device} to take the arch from ({exc}); pass "
+                          f"arch='sm_90' (or another) to compile without a GPU") from exc
+    from .nvrtc import normalize_arch
+
+    return normalize_arch(cc)
+
+
+BACKEND = CupyBackend()

@@ -9,6 +9,7 @@ the cubin through the ``cuobjdump`` that ships with Triton.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -117,8 +118,11 @@ def backward_resources(D: int, causal: bool, arch: int, dtype: str = "bf16",
         fn = getattr(launch.load(emit(variant, cfg), False), name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Triton 3.9's FP-fusion default notice
-            out.append(compile_for(fn, arch, token_dtype=dtype,
-                                   constexprs={"BLOCK_N": cfg["block_n"]},
+            params = inspect.signature(fn.fn).parameters  # JIT or interpreted: the Python def
+            consts = {"BLOCK_N": cfg["block_n"]}
+            if "GROUP" in params:
+                consts["GROUP"] = cfg.get("group", 1)
+            out.append(compile_for(fn, arch, token_dtype=dtype, constexprs=consts,
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out
 

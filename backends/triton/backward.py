@@ -93,8 +93,12 @@ def default_config(D: int, Dv: int, K: int, causal: bool = False) -> dict:
     15.6 ms vs 17.1-23.5 ms for the other tiles and warps; causal 70 ms vs 114 ms at
     32, 64 does not fit).  With 4 warps the kernels spill kilobytes of registers per
     thread (ptxas, sm_90)."""
-    return {"block_n": 16 if causal or max(D, Dv, K) <= 16 else 32, "num_warps": 8,
-            "num_stages": 1, "segments": 0}
+    cfg = {"block_n": 16 if causal or max(D, Dv, K) <= 16 else 32, "num_warps": 8,
+           "num_stages": 1, "segments": 0}
+    if causal:
+        # one state kept per 8 chunks of 16 tokens: [N/128, B*H, K, Dv] float32
+        cfg["group"] = 8
+    return cfg
 
 
 def _setup(q, v, mean, key_mask, norm, eps, layout, precision, config, causal):
@@ -234,8 +238,9 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     """[dq, dk, dv, dmean, dlog_var, dlogit, dS0, dn0] of causal GMA (dS0, dn0 None
     without an initial state).  Chunks of C = block_n tokens, grouped into one
     segment per program (emit_scan_backward).  What is kept between kernels: the
-    state entering each pair of chunks relative to its segment, [chunks / 2, B*H,
-    K, Dv] float32 (half the size of v in float32 when C = K), and per-segment sums."""
+    state entering each group of ``group`` chunks relative to its segment,
+    [chunks / group, B*H, K, Dv] float32, and per-segment sums; the key kernel
+    has a scratch of ``group`` states per program."""
     import torch
 
     B, N, H, D, K, Dv, variant, interpret, cfg, bn = _setup(
@@ -243,16 +248,17 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
     dev, f32 = q.device, torch.float32
     BH = B * H
     nch = max(1, cdiv(N, bn))
-    pairs = cdiv(nch, 2)
-    P = _programs(pairs, BH, cfg, interpret, dev)
-    cps = 2 * cdiv(pairs, P)  # even: every segment starts on a pair
+    group = int(cfg.get("group", 1))
+    groups = cdiv(nch, group)
+    P = _programs(groups, BH, cfg, interpret, dev)
+    cps = group * cdiv(groups, P)  # every segment starts on a group
     P = cdiv(nch, cps)
 
     mix, coef = _coefficient_args(mean, log_var, logit)
     dy = torch.zeros_like(v) if dy is None else dy
     args = {**_tokens("q", q, layout), **_tokens("k", k, layout), **_tokens("v", v, layout),
             **_tokens("dy", dy, layout), **coef, "N": N, "H": H,
-            "BH": BH, "NCH": nch, "CPS": cps, "BLOCK_N": bn}
+            "BH": BH, "NCH": nch, "CPS": cps, "BLOCK_N": bn, "GROUP": group}
     if key_mask is not None:
         args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
     warps, stages = int(cfg["num_warps"]), int(cfg["num_stages"])
@@ -261,9 +267,9 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
         fn, path, _ = _kernel(kind, variant, interpret, cfg)
         launch.launch(fn, (BH, P), {**args, **extra}, warps, stages, path)
 
-    # the state entering each pair of chunks (relative to its segment), segment totals
-    rs = torch.empty((pairs, BH, K, Dv), dtype=f32, device=dev)
-    rn = torch.empty((pairs, BH, K), dtype=f32, device=dev)
+    # the state entering each group of chunks (relative to its segment), segment totals
+    rs = torch.empty((groups, BH, K, Dv), dtype=f32, device=dev)
+    rn = torch.empty((groups, BH, K), dtype=f32, device=dev)
     ts = torch.empty((P, BH, K, Dv), dtype=f32, device=dev)
     tn = torch.empty((P, BH, K), dtype=f32, device=dev)
     run("scan_chunks", {"rs_ptr": rs, "rn_ptr": rn, "ts_ptr": ts, "tn_ptr": tn})
@@ -294,7 +300,10 @@ def gma_backward_causal(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: 
         ext_n = dn_ext.to(f32).reshape(BH, K)
         g_n += ext_n
         dn0 += ext_n
-    run("scan_k", {**seg_args, "rs_ptr": rs, "rn_ptr": rn, "gs_ptr": g_s.contiguous(), "gn_ptr": g_n.contiguous(),
+    # per program: the states entering each chunk of the group it is working on
+    xs = torch.empty((P, BH, group, K, Dv), dtype=f32, device=dev)
+    xn = torch.empty((P, BH, group, K), dtype=f32, device=dev)
+    run("scan_k", {**seg_args, "rs_ptr": rs, "rn_ptr": rn, "xs_ptr": xs, "xn_ptr": xn, "gs_ptr": g_s.contiguous(), "gn_ptr": g_n.contiguous(),
                    "pa_ptr": pa[1], "pb_ptr": pb[1], "pc_ptr": pc[1],
                    **_tokens("dk", dk, layout), **_tokens("dv", dv, layout)})
     grads = [dq, dk, dv] + _mixture_grads(pa, pb, pc, B, mix, (mean, log_var, logit))

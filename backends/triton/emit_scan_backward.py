@@ -1,12 +1,12 @@
 """Backward kernels of causal GMA: chunks of C = BLOCK_N tokens, CPS chunks per program.
 
 Must match ``oracle_grad.causal_scan_vjp`` + ``responsibility_vjp``.  A program
-owns a segment of consecutive chunks (an even number) and carries state through
-it in registers, so what lives in memory between kernels is one state per PAIR
-of chunks (the state entering it, relative to its segment: half the size of v in
-float32 when C = K) plus a few per-segment sums:
+owns a segment of consecutive chunks (a multiple of GROUP) and carries state
+through it in registers, so what lives in memory between kernels is one state per
+GROUP chunks (the state entering the group, relative to its segment: 1/GROUP of
+the size of v in float32 when C = K) plus a few per-segment sums:
 
-  gma_scan_bwd_chunks  forward over the segment: the state entering each pair of
+  gma_scan_bwd_chunks  forward over the segment: the state entering each group of
                        chunks relative to the segment start (sum_j w_j v_j^T and
                        sum_j w_j over the segment's earlier keys, w = m r_k), and
                        the segment's total; the host's exclusive prefix of the
@@ -17,11 +17,11 @@ float32 when C = K) plus a few per-segment sums:
                        (below); the host's exclusive suffix of those (plus the
                        final state's cotangent) is the gradient of the state
                        leaving each segment
-  gma_scan_bwd_k       backward over the segment's pairs, carrying the state
-                       gradient: per pair, the stored state entering it plus the
-                       first chunk's keys give the state entering the second;
-                       then dk, dv and the keys' mixture sums of the second chunk,
-                       then of the first
+  gma_scan_bwd_k       backward over the segment's groups, carrying the state
+                       gradient: per group, the stored state entering it and the
+                       keys of its chunks give the state entering each chunk
+                       (written to this program's scratch, GROUP states); then,
+                       last chunk first, dk, dv and the keys' mixture sums
 
 Inside a chunk (i, j tokens of the chunk, M_ij = [i >= j], S(i), n(i) the
 inclusive state, dy = dL/dy):
@@ -48,7 +48,8 @@ def _params(v: Variant, extra: list[str]) -> list[str]:
     params = token_args("q") + token_args("k") + token_args("v") + token_args("dy")
     if v.mask:
         params += ["mask_ptr", "mask_sb", "mask_sn"]
-    return params + COEF_ARGS + extra + ["N", "H", "BH", "NCH", "CPS", "BLOCK_N: tl.constexpr"]
+    return params + COEF_ARGS + extra + ["N", "H", "BH", "NCH", "CPS", "BLOCK_N: tl.constexpr",
+                                         "GROUP: tl.constexpr"]
 
 
 def _head(c: Code) -> None:
@@ -60,20 +61,20 @@ def _head(c: Code) -> None:
       "tri = (ii[:, None] >= ii[None, :]).to(tl.float32)  # M_ij = [i >= j]",
       "p = tl.program_id(1)",
       "seg = (tl.zeros([], dtype=tl.int64) + p) * BH + bh64  # row of the per-segment arrays",
-      "lo = p * CPS  # CPS is even: segments start on a pair",
-      "hi = tl.minimum(lo + CPS, NCH + NCH % 2)  # a padding chunk past N is all masked")
+      "lo = p * CPS  # CPS is a multiple of GROUP: segments start on a group",
+      "hi = tl.minimum(lo + CPS, tl.cdiv(NCH, GROUP) * GROUP)  # padding chunks are all masked")
     for t in ("q", "k", "v", "dy"):
         token_base(c, t)
 
 
 def _at_chunk(c: Code, ch: str) -> None:
-    """Rows of chunk ``ch`` and the row of its pair in the per-pair state arrays."""
+    """Rows of chunk ``ch`` and the row of its group in the per-group state arrays."""
     c(f"ch = {ch}",
       "ch64 = tl.zeros([], dtype=tl.int64) + ch  # (the interpreter hands out Python ints)",
       "offs_n = ch * BLOCK_N + tl.arange(0, BLOCK_N)",
       "n_ok = offs_n < N",
       "rows = offs_n.to(tl.int64)",
-      "state = (ch64 // 2) * BH + bh64")
+      "state = (ch64 // GROUP) * BH + bh64")
 
 
 def _loop(c: Code) -> None:
@@ -177,7 +178,7 @@ def emit_chunks(v: Variant, config: dict) -> str:
     c("carry_s = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)  # relative to the segment",
       "carry_n = tl.zeros([BLOCK_K], dtype=tl.float32)")
     _loop(c)
-    c("first = step % 2 == 0  # the state entering each pair",
+    c("first = step % GROUP == 0  # the state entering each group",
       "tl.store(rs_ptr + state * (K * DV) + kv, carry_s, mask=kv_ok & first)",
       "tl.store(rn_ptr + state * K + offs_k, carry_n, mask=k_ok & first)")
     _chunk_start(c, v, queries=False)
@@ -186,7 +187,7 @@ def emit_chunks(v: Variant, config: dict) -> str:
     c.dedent()
     c("tl.store(ts_ptr + seg * (K * DV) + kv, carry_s, mask=kv_ok)  # the segment's total",
       "tl.store(tn_ptr + seg * K + offs_k, carry_n, mask=k_ok)")
-    return header("gma_scan_bwd_chunks", "states entering each pair of chunks, relative to "
+    return header("gma_scan_bwd_chunks", "states entering each group of chunks, relative to "
                   "its segment",
                   v.describe(), config) + c.text()
 
@@ -224,8 +225,9 @@ def emit_queries(v: Variant, config: dict) -> str:
 def emit_keys(v: Variant, config: dict) -> str:
     c = Code()
     c(*_constants(v), "", "")
-    params = _params(v, ["rs_ptr", "rn_ptr", "ss_ptr", "sn_ptr", "gs_ptr", "gn_ptr",
-                         "pa_ptr", "pb_ptr", "pc_ptr", *token_args("dk"), *token_args("dv")])
+    params = _params(v, ["rs_ptr", "rn_ptr", "ss_ptr", "sn_ptr", "gs_ptr", "gn_ptr", "xs_ptr",
+                         "xn_ptr", "pa_ptr", "pb_ptr", "pc_ptr", *token_args("dk"),
+                         *token_args("dv")])
     kernel_start(c, "gma_scan_bwd_k", params, _GRID)
     _head(c)
     for t in ("dk", "dv"):
@@ -234,18 +236,33 @@ def emit_keys(v: Variant, config: dict) -> str:
     _mixture_accumulators(c)
     c("q_next = tl.load(gs_ptr + seg * (K * DV) + kv, mask=kv_ok, other=0.0)  # dL/dS leaving",
       "n_next = tl.load(gn_ptr + seg * K + offs_k, mask=k_ok, other=0.0)")
-    c("for step in range(0, (hi - lo) // 2):")
+    c("scratch = (p * BH + bh64) * GROUP  # this program's GROUP states entering chunks",
+      "for step in range(0, (hi - lo) // GROUP):")
     c.indent()
-    _at_chunk(c, "hi - 2 - 2 * step")
-    c("s_first = seg_s + tl.load(rs_ptr + state * (K * DV) + kv, mask=kv_ok, other=0.0)",
-      "n_first = seg_n + tl.load(rn_ptr + state * K + offs_k, mask=k_ok, other=0.0)")
+    c("g0 = hi - GROUP * (step + 1)  # the group's first chunk")
+    _at_chunk(c, "g0")
+    c("s_cur = seg_s + tl.load(rs_ptr + state * (K * DV) + kv, mask=kv_ok, other=0.0)",
+      "n_cur = seg_n + tl.load(rn_ptr + state * K + offs_k, mask=k_ok, other=0.0)",
+      "tl.store(xs_ptr + scratch * (K * DV) + kv, s_cur, mask=kv_ok)",
+      "tl.store(xn_ptr + scratch * K + offs_k, n_cur, mask=k_ok)",
+      "for j in range(0, GROUP - 1):  # the states entering the group's later chunks")
+    c.indent()
+    _at_chunk(c, "g0 + j")
     _chunk_start(c, v, queries=False)
-    c("s_second = s_first + tl.dot(tl.trans(w), vt, input_precision='ieee')",
-      "n_second = n_first + tl.sum(w, 0)")
-    for which, ch in (("second", "hi - 1 - 2 * step"), ("first", "hi - 2 - 2 * step")):
-        c(f"# the pair's {which} chunk")
-        _at_chunk(c, ch)
-        _key_chunk(c, v, f"s_{which}", f"n_{which}")
+    c("s_cur += tl.dot(tl.trans(w), vt, input_precision='ieee')",
+      "n_cur += tl.sum(w, 0)",
+      "tl.store(xs_ptr + (scratch + j + 1) * (K * DV) + kv, s_cur, mask=kv_ok)",
+      "tl.store(xn_ptr + (scratch + j + 1) * K + offs_k, n_cur, mask=k_ok)")
+    c.dedent()
+    c("tl.debug_barrier()  # the scratch written above is read by other threads below",
+      "for jj in range(0, GROUP):")
+    c.indent()
+    c("j = GROUP - 1 - jj  # last chunk first: the state gradient flows backwards")
+    _at_chunk(c, "g0 + j")
+    _key_chunk(c, v, "tl.load(xs_ptr + (scratch + j) * (K * DV) + kv, mask=kv_ok, other=0.0)",
+               "tl.load(xn_ptr + (scratch + j) * K + offs_k, mask=k_ok, other=0.0)")
+    c.dedent()
+    c("tl.debug_barrier()  # before the next group overwrites the scratch")
     c.dedent()
     _store_partials(c)
     return header("gma_scan_bwd_k", f"dk and dv, the state gradient carried backwards ({v.norm} "

@@ -117,6 +117,9 @@ HARD = {
     "N130-3-segments": dict(N=130, config={"block_n": 16, "segments": 3}),
     # 7 tiles of 16 over 3 programs: the last program has one chunk
     "N100-uneven-segments": dict(N=100, config={"block_n": 16, "segments": 3}),
+    # causal: states kept per 2 chunks, 3 groups per program, padding chunks at the end
+    "N130-groups-of-2": dict(N=130, config={"block_n": 16, "segments": 2, "group": 2}),
+    "N70-groups-of-1": dict(N=70, config={"block_n": 16, "segments": 2, "group": 1}),
     "fully-masked": dict(mask="fully-masked"),
     "bhnd": dict(layout="bhnd"),
     "only-dy": dict(dstate=False),

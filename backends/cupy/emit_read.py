@@ -1,0 +1,67 @@
+"""gma_read_fwd: responsibility + slot_read over the queries.
+
+Must match ``oracle.responsibility`` and ``oracle.slot_read``:
+row:  y_i = sum_k r_ik S_k / (sum_k r_ik n_k + eps);  slot: y_i = sum_k r_ik S_k / (n_k + eps).
+Block (b*h, p, Dv block) loads the memory tile S [K, BLOCK_DV] and n [K] once
+and sweeps segment p of the queries.
+"""
+
+from __future__ import annotations
+
+from .prelude import (Emitted, finish, Code, Tiles, Variant, bh_indices, kernel_open, mixture_params,
+                      mixture_setup, responsibilities, segment_range, smem_declare, token_base,
+                      token_params)
+
+
+def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    c = Code()
+    params = token_params("q") + mixture_params("mq", v.q_covariance)
+    params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
+               "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
+               "long long n_sh", "long long n_sk"]
+    params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
+    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)")
+    smem_declare(c, v, t)
+    bh_indices(c)
+    segment_range(c)
+    c("const int dv0 = blockIdx.z * BLOCK_DV;")
+    token_base(c, "q")
+    token_base(c, "y", const=False)
+    mixture_setup(c, "mq", v.q_covariance)
+    c("// the memory of (b, h): S_s [K, BLOCK_DV], n_s [K]")
+    c.open("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "S_s[idx] = dv0 + j < DV ? to_f(s_ptr[b * s_sb + h * s_sh + k * s_sk + "
+      "(long long)(dv0 + j) * s_sdv]) : 0.f;")
+    c.close()
+    c("for (int k = tid; k < K; k += THREADS) n_s[k] = to_f(n_ptr[b * n_sb + h * n_sh + k * n_sk]);")
+    c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
+    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="")
+    if v.norm == "row":
+        c("// row norm: den_i = sum_k r_ik n_k + eps (one warp per row)")
+        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+        c("float s = 0.f;",
+          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
+          "s = warp_sum(s);",
+          "if (lane == 0) den_s[i] = s + EPS;")
+        c.close()
+    else:
+        c("// slot norm: weights r_ik / (n_k + eps)")
+        c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
+        c("const int i = idx / K, k = idx % K;",
+          "rq_s[i * KP + k] *= 1.f / (n_s[k] + EPS);")
+        c.close()
+    c("__syncthreads();")
+    c("// y [BLOCK_N, BLOCK_DV] = r S (owner (i, j))")
+    c("const int j = tid % BLOCK_DV;")
+    c.open("for (int i = tid / BLOCK_DV; i < BLOCK_N; i += THREADS / BLOCK_DV)")
+    c("float num = 0.f;",
+      "for (int k = 0; k < K; ++k) num = fmaf(rq_s[i * KP + k], S_s[k * BLOCK_DV + j], num);",
+      "const long long row = n0 + i;")
+    value = "num / den_s[i]" if v.norm == "row" else "num"
+    c(f"if (row < end && dv0 + j < DV) store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd, "
+      f"{value});")
+    c.close()
+    c.close()
+    c.close()
+    return finish(c, "gma_read_fwd", f"responsibility + slot_read ({v.norm} norm) over queries", v, t, config)

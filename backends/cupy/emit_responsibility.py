@@ -1,0 +1,30 @@
+"""gma_responsibility_fwd: R [B, N, H, K] (float32) for ``gmagen.responsibilities``.
+
+Must match ``oracle.responsibility``.  Block (token tile, b*h) computes the
+responsibilities of BLOCK_N rows and stores them through R's strides.
+"""
+
+from __future__ import annotations
+
+from .prelude import (Emitted, finish, Code, Tiles, Variant, bh_indices, kernel_open, mixture_params,
+                      mixture_setup, responsibilities, smem_declare, token_base, token_params)
+
+
+def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    c = Code()
+    params = (token_params("q") + mixture_params("mq", v.q_covariance)
+              + ["float* __restrict__ r_ptr", "long long r_sb", "long long r_sn", "long long r_sh",
+                 "long long r_sk", "long long N", "int H"])
+    kernel_open(c, "gma_responsibility_fwd", params, "(token tiles, B*H)")
+    smem_declare(c, v, t)
+    bh_indices(c, "y")
+    c("const long long n0 = (long long)blockIdx.x * BLOCK_N;", "const long long end = N;")
+    token_base(c, "q")
+    mixture_setup(c, "mq", v.q_covariance)
+    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="")
+    c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
+    c("const int i = idx / K, k = idx % K;", "const long long row = n0 + i;",
+      "if (row < N) r_ptr[b * r_sb + h * r_sh + row * r_sn + k * r_sk] = rq_s[i * KP + k];")
+    c.close()
+    c.close()
+    return finish(c, "gma_responsibility_fwd", "responsibility of each token", v, t, config)

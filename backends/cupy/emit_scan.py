@@ -1,0 +1,127 @@
+"""gma_scan_fwd: the causal program as one chunked scan; responsibilities on the fly.
+
+Must match ``oracle.responsibility`` and ``oracle.causal_scan``: query i reads
+S(i) = S0 + sum_{j<=i} m_j r_jk v_j and n(i) likewise.  Block (b*h, p, Dv
+block) owns segment p of the sequence.  It starts from the initial state plus
+the partial memories of segments 0..p-1 (``gma_write_fwd``, added in order),
+then walks its segment in chunks of BLOCK_N tokens: a masked BLOCK_N x BLOCK_N
+product inside the chunk, the carried state S_s [K, BLOCK_DV], n_s [K] across
+chunks.  R is never written to global memory.  The last segment stores the
+final state.
+
+    row:  y_i = (rq_i S + sum_{j<=i} a_ij v_j) / (rq_i n + sum_{j<=i} a_ij + eps),
+          a_ij = rq_i . rk_j
+    slot: w_ik = rq_ik / (n_k + sum_{j<=i} rk_jk + eps),
+          y_i = w_i S + sum_{j<=i} (w_i . rk_j) v_j
+"""
+
+from __future__ import annotations
+
+from .prelude import (Emitted, finish, MASK_PARAMS, Code, Tiles, Variant, bh_indices, kernel_open,
+                      load_v_tile, mixture_params, mixtures, mixture_setup, responsibilities,
+                      segment_range, smem_declare, state_store, state_update, token_base,
+                      token_params)
+
+
+def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    mixes = mixtures(v)
+    mq, cq = mixes[0][0], mixes[0][1]
+    mk, ck = mixes[-1][0], mixes[-1][1]
+    c = Code()
+    params = token_params("q") + token_params("k") + token_params("v")
+    if v.mask:
+        params += MASK_PARAMS
+    for m, cov, _ in mixes:
+        params += mixture_params(m, cov)
+    if v.init:
+        params += ["const A_t* __restrict__ s0_ptr", "long long s0_sb", "long long s0_sh",
+                   "long long s0_sk", "long long s0_sdv", "const A_t* __restrict__ n0_ptr",
+                   "long long n0_sb", "long long n0_sh", "long long n0_sk"]
+    params += ["const float* __restrict__ ps", "const float* __restrict__ pn"]
+    params += token_params("y", const=False)
+    params += ["float* __restrict__ st_ptr", "long long st_sbh", "long long st_sk",
+               "long long st_sdv", "float* __restrict__ nt_ptr", "long long nt_sbh",
+               "long long nt_sk", "long long N", "int H", "long long BH", "long long SEG"]
+    kernel_open(c, "gma_scan_fwd", params, "(B*H, segments, Dv blocks)")
+    smem_declare(c, v, t)
+    bh_indices(c)
+    segment_range(c)
+    c("const int dv0 = blockIdx.z * BLOCK_DV;")
+    for tok in ("q", "k", "v"):
+        token_base(c, tok)
+    token_base(c, "y", const=False)
+    for m, cov, _ in mixes:
+        mixture_setup(c, m, cov)
+    c("// state entering segment seg: initial state, then segments 0..seg-1 in order")
+    c.open("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const bool ok = dv0 + j < DV;")
+    if v.init:
+        c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
+          "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
+    else:
+        c("float a = 0.f;")
+    c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
+      "(long long)k * DV + dv0 + j] : 0.f;",
+      "S_s[idx] = a;")
+    c.close()
+    c.open("for (int k = tid; k < K; k += THREADS)")
+    c("float a = " + ("to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk]);" if v.init else "0.f;"),
+      "for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];",
+      "n_s[k] = a;")
+    c.close()
+    c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
+    responsibilities(c, "rq_s", "q", mq, cq, keep="")
+    responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range")
+    load_v_tile(c)
+    c("__syncthreads();")
+    if v.norm == "slot":
+        c("// slot norm: rq_s <- w_ik = rq_ik / (n_k(i) + eps), n_k(i) inclusive prefix")
+        c.open("for (int k = tid; k < K; k += THREADS)")
+        c("float run = n_s[k];")
+        c.open("for (int i = 0; i < BLOCK_N; ++i)")
+        c("run += rk_s[i * KP + k];", "rq_s[i * KP + k] *= 1.f / (run + EPS);")
+        c.close()
+        c.close()
+        c("__syncthreads();")
+    c("// intra-chunk affinities a_ij = rq_i . rk_j for j <= i, att_s [BLOCK_N, BLOCK_N]")
+    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_N; idx += THREADS)")
+    c("const int i = idx / BLOCK_N, jj = idx % BLOCK_N;",
+      "float a = 0.f;",
+      "if (jj <= i) for (int k = 0; k < K; ++k) a = fmaf(rq_s[i * KP + k], rk_s[jj * KP + k], a);",
+      "att_s[i * BNP + jj] = a;")
+    c.close()
+    c("__syncthreads();")
+    if v.norm == "row":
+        c("// row norm: den_i = sum_{j<=i} a_ij + rq_i . n + eps (one warp per row)")
+        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+        c("float s = 0.f;",
+          "for (int jj = lane; jj <= i; jj += 32) s += att_s[i * BNP + jj];",
+          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
+          "s = warp_sum(s);",
+          "if (lane == 0) den_s[i] = s + EPS;")
+        c.close()
+        c("__syncthreads();")
+    c("// y [BLOCK_N, BLOCK_DV] = att v + rq S (owner (i, j))")
+    c.open()
+    c("const int j = tid % BLOCK_DV;")
+    c.open("for (int i = tid / BLOCK_DV; i < BLOCK_N; i += THREADS / BLOCK_DV)")
+    c("float num = 0.f;",
+      "for (int jj = 0; jj <= i; ++jj) num = fmaf(att_s[i * BNP + jj], v_s[jj * BLOCK_DV + j], num);",
+      "for (int k = 0; k < K; ++k) num = fmaf(rq_s[i * KP + k], S_s[k * BLOCK_DV + j], num);",
+      "const long long row = n0 + i;")
+    value = "num / den_s[i]" if v.norm == "row" else "num"
+    c(f"if (row < end && dv0 + j < DV) store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd, "
+      f"{value});")
+    c.close()
+    c.close()
+    c("__syncthreads();  // S_s and n_s were read above")
+    state_update(c)
+    c.close()
+    c("__syncthreads();")
+    c.open("if (seg == gridDim.y - 1)")
+    c("// the last segment holds the final state")
+    state_store(c, "st", "nt", "bh * st_sbh", "bh * nt_sbh")
+    c.close()
+    c.close()
+    return finish(c, "gma_scan_fwd", f"causal chunked scan ({v.norm} norm)", v, t, config)

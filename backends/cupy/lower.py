@@ -1,0 +1,290 @@
+"""(kernel plan, call binding, config, arch) -> generated CUDA, compiled, and its launches.
+
+Each plan kind becomes one or more generated kernels (one NVRTC unit each):
+
+  responsibility  gma_responsibility_fwd
+  write           gma_write_fwd over segments of N, then gma_reduce (if > 1 segment)
+  read            gma_read_fwd
+  scan            gma_write_fwd for the states entering segments 1.. (if > 1 segment),
+                  then gma_scan_fwd
+
+Lowering generates and compiles for ``arch`` (the option, else the device's),
+which needs no GPU; running loads the cubins on the call's device and
+launches on the caller's stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from gmagen.config import Config
+from gmagen.errors import UnsupportedFeature
+from gmagen.ir import ops as _ops
+from gmagen.ir.passes.plan import KernelPlan
+
+from ..base import Executable
+from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, space
+from .nvrtc import Compiled
+from .prelude import KERNEL_NAMES, Emitted, Variant
+
+_EMITTERS = {"responsibility": emit_responsibility.emit, "write": emit_write.emit,
+             "reduce": emit_write.emit_reduce, "read": emit_read.emit, "scan": emit_scan.emit}
+_UNITS = {"responsibility": ["responsibility"], "write": ["write", "reduce"], "read": ["read"],
+          "scan": ["write", "scan"]}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def token_args(prefix: str, t: Any, layout: str) -> dict[str, Any]:
+    """Pointer and (b, n, h, x) element strides of a token tensor stored in ``layout``."""
+    s = launch.strides(t)
+    sb, sn, sh, sd = (s[0], s[1], s[2], s[3]) if layout == "bnhd" else (s[0], s[2], s[1], s[3])
+    return {f"{prefix}_ptr": t, f"{prefix}_sb": sb, f"{prefix}_sn": sn, f"{prefix}_sh": sh,
+            f"{prefix}_sd": sd}
+
+
+def token_shape(t: Any, layout: str) -> tuple[int, int, int, int]:
+    s = tuple(t.shape)
+    return (s[0], s[1], s[2], s[3]) if layout == "bnhd" else (s[0], s[2], s[1], s[3])
+
+
+def mixture_args(m: str, mean: Any, log_var: Any, logit: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {f"{m}_mean": mean, f"{m}_lv": log_var, f"{m}_logit": logit}
+    args.update(zip((f"{m}_mean_sh", f"{m}_mean_sk", f"{m}_mean_sd"), launch.strides(mean)))
+    args.update({f"{m}_lv_s{i}": s for i, s in enumerate(launch.strides(log_var))})
+    args.update(zip((f"{m}_logit_sh", f"{m}_logit_sk"), launch.strides(logit)))
+    return args
+
+
+def caller_stream(binding: Any, device: int) -> Any:
+    """CuPy's current stream for CuPy callers; torch's current stream for torch
+    callers (the Kernel hands their tensors over through DLPack)."""
+    import cupy
+
+    if binding.framework == "torch":
+        import torch
+
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        return cupy.cuda.ExternalStream(ptr, device)
+    return cupy.cuda.get_current_stream()
+
+
+class CupyExecutable(Executable):
+    """One kernel plan, generated and compiled for one call specialization."""
+
+    def __init__(self, kernel: KernelPlan, binding: Any, config: Config, arch: str):
+        self.kernel = kernel
+        self.kind = kernel.kind
+        self.main = kernel.main
+        self.layout = binding.layout
+        self.arch = arch
+        if getattr(self.main, "cu_seqlens", None) in binding.present:
+            raise UnsupportedFeature("cupy backend: packed variable-length input (cu_seqlens) is "
+                                     "not supported yet; use backend='numpy' or unpack the batch")
+        self.resp: dict[str, _ops.Responsibility] = {}
+        for field in {"responsibility": ("x",), "write": ("r",), "read": ("r",),
+                      "scan": ("rq", "rk")}[self.kind]:
+            op = self.main if self.kind == "responsibility" else kernel.responsibility_of(field)
+            if op is None:
+                raise UnsupportedFeature(f"cupy backend: {_ops.op_name(self.main)} reads "
+                                         f"%{getattr(self.main, field)}, which no fused "
+                                         f"responsibility op produces; the cupy kernels compute "
+                                         f"responsibilities on the fly")
+            self.resp[field] = op  # type: ignore[assignment]
+        dims = binding.dims
+        D, K = dims["D"], dims["K"]
+        Dv = dims.get("Dv", K)
+        if K > space.MAX_K:
+            raise UnsupportedFeature(f"cupy backend: K={K} mixture components; at most "
+                                     f"{space.MAX_K} are supported (a tile holds all K)")
+        self.dims = (D, Dv, K)
+        self.variants = {unit: self._variant(unit, binding) for unit in _UNITS[self.kind]}
+        main_variant = self.variants["scan" if self.kind == "scan" else _UNITS[self.kind][0]]
+        self.config = space.validate(self.kind, config, main_variant)
+        tiles = space.tiles_of(self.config)
+        cfg = dict(self.config)
+        self.emitted: dict[str, Emitted] = {u: _EMITTERS[u](v, tiles, cfg)
+                                            for u, v in self.variants.items()}
+        self.compiled: dict[str, Compiled] = {u: launch.build(e, arch)
+                                              for u, e in self.emitted.items()}
+        self.source = "\n\n".join(e.source for e in self.emitted.values())
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        """Kernel name -> ptxas' Resources (registers, spills, static smem)."""
+        return {name: res for c in self.compiled.values() for name, res in c.resources.items()}
+
+    def _variant(self, unit: str, binding: Any) -> Variant:
+        D, Dv, K = self.dims
+        rq = self.resp.get("rq") or self.resp.get("r") or self.resp.get("x")
+        rk = self.resp.get("rk") or rq
+        same = (rq.mean, rq.log_var, rq.logit) == (rk.mean, rk.log_var, rk.logit)
+        state = getattr(self.main, "memory", None) or getattr(self.main, "initial_state", None)
+        state_dtype = binding.input_dtypes.get(state, "f32") if state else "f32"
+        mask = getattr(self.main, "key_mask", None) in binding.present
+        init = getattr(self.main, "initial_state", None) in binding.present
+        return Variant(unit, D, Dv, K, binding.dtypes.get("T", "f32"),
+                       binding.dtypes.get("P", "f32"), state_dtype if state_dtype in ("f32", "f64") else "f32",
+                       rq.covariance, rk.covariance, same, getattr(self.main, "norm", "row"),
+                       float(getattr(self.main, "eps", 0.0)), mask and unit in ("write", "scan"),
+                       init and unit == "scan")
+
+    # -- running -------------------------------------------------------------
+    def _launch(self, unit: str, grid: tuple, args: dict, stream: Any, device: int) -> None:
+        emitted = self.emitted[unit]
+        fn = launch.function(self.compiled[unit], KERNEL_NAMES[unit], device)
+        launch.launch(fn, emitted, grid, args, stream, device)
+
+    def _segments(self, N: int, BH: int, dv_blocks: int, device: int) -> int:
+        block_n = int(self.config["block_n"])
+        tiles = max(1, cdiv(N, block_n))
+        fixed = int(self.config.get("segments", 0))
+        if fixed:
+            return min(fixed, tiles, 65535)
+        want = cdiv(8 * _sm_count(device), BH * dv_blocks)
+        return max(1, min(want, tiles, 65535))
+
+    def run(self, env: dict[str, Any], binding: Any) -> dict[str, Any]:
+        import cupy
+
+        r = next(iter(self.resp.values()))
+        x = env[r.x]
+        device = binding.device[1]
+        with cupy.cuda.Device(device):
+            stream = caller_stream(binding, device)
+            with stream:
+                if self.kind == "responsibility":
+                    return self._run_responsibility(env, x, stream, device)
+                if self.kind == "write":
+                    return self._run_write(env, x, stream, device)
+                if self.kind == "read":
+                    return self._run_read(env, x, stream, device)
+                return self._run_scan(env, x, stream, device)
+
+    def _mix(self, env: dict, prefix: str, op: _ops.Responsibility) -> dict:
+        return mixture_args(prefix, env[op.mean], env[op.log_var], env[op.logit])
+
+    def _run_responsibility(self, env, x, stream, device) -> dict:
+        B, N, H, _ = token_shape(x, self.layout)
+        K = self.dims[2]
+        out = launch.empty(x, (B, N, H, K) if self.layout == "bnhd" else (B, H, N, K), "f32")
+        ra = token_args("r", out, self.layout)
+        args = {**token_args("q", x, self.layout), **self._mix(env, "mq", self.main),
+                "r_ptr": out, "r_sb": ra["r_sb"], "r_sn": ra["r_sn"], "r_sh": ra["r_sh"],
+                "r_sk": ra["r_sd"], "N": N, "H": H}
+        bn = int(self.config["block_n"])
+        self._launch("responsibility", (max(1, cdiv(N, bn)), B * H, 1), args, stream, device)
+        return {self.main.out: out}
+
+    def _write(self, env, k_tok, v_tok, mask, op, N, H, BH, P, seg, s, n, s_strides, n_strides,
+               stream, device) -> None:
+        """gma_write_fwd of segments 0..P-1 (``seg`` tokens each) into s / n."""
+        args = {**token_args("k", k_tok, self.layout), **token_args("v", v_tok, self.layout),
+                **self._mix(env, "mk", op), "s_ptr": s, "n_ptr": n, "N": N, "H": H, "SEG": seg}
+        args.update(zip(("s_sp", "s_sbh", "s_sk", "s_sdv"), s_strides))
+        args.update(zip(("n_sp", "n_sbh", "n_sk"), n_strides))
+        if mask is not None:
+            args.update(mask_ptr=mask, mask_sb=launch.strides(mask)[0],
+                        mask_sn=launch.strides(mask)[1])
+        dvb = cdiv(self.dims[1], int(self.config["block_dv"]))
+        self._launch("write", (BH, P, dvb), args, stream, device)
+
+    def _run_write(self, env, k_tok, stream, device) -> dict:
+        main: _ops.SlotWrite = self.main  # type: ignore[assignment]
+        B, N, H, _ = token_shape(k_tok, self.layout)
+        D, Dv, K = self.dims
+        BH = B * H
+        bn, bdv = int(self.config["block_n"]), int(self.config["block_dv"])
+        P = self._segments(N, BH, cdiv(Dv, bdv), device)
+        seg = cdiv(cdiv(N, bn), P) * bn
+        S = launch.empty(k_tok, (B, H, K, Dv), "f32")
+        n = launch.empty(k_tok, (B, H, K), "f32")
+        mask = env.get(main.key_mask) if self.variants["write"].mask else None
+        v_tok = env[main.v]
+        if P == 1:  # one segment: write the memory directly
+            self._write(env, k_tok, v_tok, mask, self.resp["r"], N, H, BH, 1, seg, S, n,
+                        (0, K * Dv, Dv, 1), (0, K, 1), stream, device)
+            return {main.out: (S, n)}
+        ps = launch.empty(k_tok, (P, BH, K, Dv), "f32")
+        pn = launch.empty(k_tok, (P, BH, K), "f32")
+        self._write(env, k_tok, v_tok, mask, self.resp["r"], N, H, BH, P, seg, ps, pn,
+                    (BH * K * Dv, K * Dv, Dv, 1), (BH * K, K, 1), stream, device)
+        args = {"ps": ps, "pn": pn, "s_ptr": S, "s_sbh": K * Dv, "s_sk": Dv, "s_sdv": 1,
+                "n_ptr": n, "n_sbh": K, "n_sk": 1, "BH": BH, "NSEG": P}
+        self._launch("reduce", (BH, cdiv(K * Dv, self.emitted["reduce"].threads), 1), args,
+                     stream, device)
+        return {main.out: (S, n)}
+
+    def _run_read(self, env, q_tok, stream, device) -> dict:
+        main: _ops.SlotRead = self.main  # type: ignore[assignment]
+        B, N, H, _ = token_shape(q_tok, self.layout)
+        D, Dv, K = self.dims
+        S, n = env[main.memory]
+        y = launch.empty(q_tok, (B, N, H, Dv) if self.layout == "bnhd" else (B, H, N, Dv))
+        bn, bdv = int(self.config["block_n"]), int(self.config["block_dv"])
+        dvb = cdiv(Dv, bdv)
+        P = self._segments(N, B * H, dvb, device)
+        seg = cdiv(cdiv(N, bn), P) * bn
+        args = {**token_args("q", q_tok, self.layout), **self._mix(env, "mq", self.resp["r"]),
+                **token_args("y", y, self.layout), "s_ptr": S, "n_ptr": n, "N": N, "H": H,
+                "SEG": seg}
+        args.update(zip(("s_sb", "s_sh", "s_sk", "s_sdv"), launch.strides(S)))
+        args.update(zip(("n_sb", "n_sh", "n_sk"), launch.strides(n)))
+        self._launch("read", (B * H, P, dvb), args, stream, device)
+        return {main.out: y}
+
+    def _run_scan(self, env, q_tok, stream, device) -> dict:
+        main: _ops.CausalScan = self.main  # type: ignore[assignment]
+        rq, rk = self.resp["rq"], self.resp["rk"]
+        k_tok, v_tok = env[rk.x], env[main.v]
+        B, N, H, _ = token_shape(q_tok, self.layout)
+        D, Dv, K = self.dims
+        BH = B * H
+        v = self.variants["scan"]
+        y = launch.empty(v_tok, (B, N, H, Dv) if self.layout == "bnhd" else (B, H, N, Dv))
+        S = launch.empty(q_tok, (B, H, K, Dv), "f32")
+        n = launch.empty(q_tok, (B, H, K), "f32")
+        mask = env.get(main.key_mask) if v.mask else None
+        bn, bdv = int(self.config["block_n"]), int(self.config["block_dv"])
+        dvb = cdiv(Dv, bdv)
+        P = self._segments(N, BH, dvb, device)
+        seg = cdiv(cdiv(N, bn), P) * bn
+        ps = pn = None
+        if P > 1:
+            # memories of segments 0..P-2 of the keys; the last one's is never needed
+            ps = launch.empty(q_tok, (P - 1, BH, K, Dv), "f32")
+            pn = launch.empty(q_tok, (P - 1, BH, K), "f32")
+            self._write(env, k_tok, v_tok, mask, rk, N, H, BH, P - 1, seg, ps, pn,
+                        (BH * K * Dv, K * Dv, Dv, 1), (BH * K, K, 1), stream, device)
+        args = {**token_args("q", q_tok, self.layout), **token_args("k", k_tok, self.layout),
+                **token_args("v", v_tok, self.layout), **token_args("y", y, self.layout),
+                "ps": ps, "pn": pn, "st_ptr": S, "st_sbh": K * Dv, "st_sk": Dv, "st_sdv": 1,
+                "nt_ptr": n, "nt_sbh": K, "nt_sk": 1, "N": N, "H": H, "BH": BH, "SEG": seg}
+        if mask is not None:
+            args.update(mask_ptr=mask, mask_sb=launch.strides(mask)[0],
+                        mask_sn=launch.strides(mask)[1])
+        if v.same_mixture:
+            args.update(self._mix(env, "m", rq))
+        else:
+            args.update(self._mix(env, "mq", rq))
+            args.update(self._mix(env, "mk", rk))
+        if v.init:
+            s0, n0 = env[main.initial_state]
+            args.update(s0_ptr=s0, n0_ptr=n0)
+            args.update(zip(("s0_sb", "s0_sh", "s0_sk", "s0_sdv"), launch.strides(s0)))
+            args.update(zip(("n0_sb", "n0_sh", "n0_sk"), launch.strides(n0)))
+        self._launch("scan", (BH, P, dvb), args, stream, device)
+        return {main.out: y, main.state_out: (S, n)}
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: int) -> int:
+    if device not in _SM_COUNT:
+        import cupy
+
+        _SM_COUNT[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return _SM_COUNT[device]

@@ -1,0 +1,438 @@
+"""Pieces of CUDA C++ shared by every emitter of the CuPy backend.
+
+A generated kernel is one translation unit: a header comment, the dtype
+typedefs, the size constants of its specialization (``constexpr``), the device
+helpers below, and one ``extern "C" __global__`` kernel whose body the
+emitters write from these building blocks.  All arithmetic is float32.
+
+Responsibilities use GMA_SPEC's direct form, in base 2 so that the softmax can
+use exp2f, instead of the expanded product the Triton backend feeds to its
+tensor cores:
+
+    l2_k(x) = c_k - sum_d (x_d - mu_kd)^2 * w_kd,   w_kd = log2(e)/2 * exp(-rho_kd),
+    c_k     = log2(e) * (alpha_k - 1/2 sum_d rho_kd)
+
+The direct form has no cancellation between an x*x and an x term, so large
+inputs keep float32 accuracy without the centring the expanded form needs
+(spherical: w_kd = w_k, the sum over d is taken first; shared: w is one
+number and the rho term, equal for every k, is dropped).
+
+Work is laid out over one block of THREADS threads: a token tile of BLOCK_N
+rows, the D axis streamed through shared memory in chunks of DC columns, the
+responsibilities of a tile [BLOCK_N, K] in shared memory, the state
+[K, BLOCK_DV] in shared memory.  Loops over tile elements stride by THREADS,
+so every size is legal; every element has exactly one owner thread, so sums
+happen in a fixed order and results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+LOG2E = 1.4426950408889634
+
+# IR dtype -> CUDA type, and the header that declares it.
+CUDA_TYPE = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16"}
+HEADERS = {"f16": "cuda_fp16.h", "bf16": "cuda_bf16.h"}
+
+KERNEL_NAMES = {"responsibility": "gma_responsibility_fwd", "write": "gma_write_fwd",
+                "reduce": "gma_reduce", "read": "gma_read_fwd", "scan": "gma_scan_fwd"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Plan attributes + call specialization: everything a source depends on
+    besides the tile config."""
+
+    kind: str                 # responsibility | write | reduce | read | scan
+    D: int
+    Dv: int
+    K: int
+    dtype: str = "f32"        # tokens q, k, v and y
+    param_dtype: str = "f32"  # mean, log_var, logit
+    state_dtype: str = "f32"  # memory read by gma_read_fwd / initial state of the scan
+    q_covariance: str = "diag"
+    k_covariance: str = "diag"
+    same_mixture: bool = True
+    norm: str = "row"
+    eps: float = 1e-6
+    mask: bool = False
+    init: bool = False
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The tile config of one kernel, resolved (see space.py)."""
+
+    block_n: int = 64
+    block_dv: int = 64
+    d_chunk: int = 32
+    num_threads: int = 256
+
+
+def pad_odd(x: int) -> int:
+    """Row stride of a shared tile read across rows by one warp: an odd number of
+    floats puts consecutive rows in different banks."""
+    return x if x % 2 else x + 1
+
+
+def mixtures(v: Variant) -> list[tuple[str, str, str]]:
+    """(prefix, covariance, tokens) of the mixtures a kernel reads."""
+    if v.kind == "write":
+        return [("mk", v.k_covariance, "k")]
+    if v.kind in ("read", "responsibility"):
+        return [("mq", v.q_covariance, "q")]
+    if v.kind == "scan":
+        if v.same_mixture:
+            return [("m", v.q_covariance, "qk")]
+        return [("mq", v.q_covariance, "q"), ("mk", v.k_covariance, "k")]
+    return []
+
+
+def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
+    """(name, floats) of the kernel's dynamic shared memory, in order."""
+    if v.kind == "reduce":
+        return []
+    dcp = pad_odd(t.d_chunk)
+    kp = pad_odd(v.K)
+    mixes = mixtures(v)
+    bufs = [("x_s", t.block_n * dcp), ("mu_s", v.K * dcp)]
+    if any(cov == "diag" for _, cov, _ in mixes):
+        bufs.append(("w_s", v.K * dcp))
+    for m, cov, _ in mixes:
+        bufs.append((f"{m}_c_s", v.K))
+        if cov == "spherical":
+            bufs.append((f"{m}_w_s", v.K))
+    if v.kind == "responsibility":
+        return bufs + [("rq_s", t.block_n * kp)]
+    state = [("S_s", v.K * t.block_dv), ("n_s", v.K)]
+    if v.kind == "write":
+        return bufs + [("rk_s", t.block_n * kp), ("v_s", t.block_n * t.block_dv)] + state
+    if v.kind == "read":
+        den = [("den_s", t.block_n)] if v.norm == "row" else []
+        return bufs + [("rq_s", t.block_n * kp)] + den + state
+    # scan
+    return (bufs + [("rq_s", t.block_n * kp), ("rk_s", t.block_n * kp),
+                   ("v_s", t.block_n * t.block_dv), ("att_s", t.block_n * pad_odd(t.block_n))]
+                   + ([("den_s", t.block_n)] if v.norm == "row" else []) + state)
+
+
+def smem_bytes(v: Variant, t: Tiles) -> int:
+    return 4 * sum(n for _, n in smem_buffers(v, t))
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """One generated kernel: its name, source, parameter declarations (in order;
+    launch.py converts arguments by their C type) and launch shape."""
+
+    name: str
+    source: str = field(repr=False)
+    params: tuple[str, ...] = field(repr=False)
+    threads: int
+    smem: int  # dynamic shared memory bytes
+
+
+class Code:
+    """Indented source lines (and the parameters of the kernel being written)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 0
+        self.params: list[str] = []
+
+    def __call__(self, *lines: str) -> "Code":
+        for line in lines:
+            self.lines.append(("  " * self.depth + line) if line else "")
+        return self
+
+    def open(self, line: str = "") -> "Code":
+        """``line {`` (a bare ``{`` without a line) and indent."""
+        self(f"{line} {{" if line else "{")
+        self.depth += 1
+        return self
+
+    def close(self, tail: str = "") -> "Code":
+        self.depth -= 1
+        self("}" + tail)
+        return self
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+# --------------------------------------------------------------------------- file head
+
+_HELPERS = r"""
+#define GMA_DEVICE __device__ __forceinline__
+
+GMA_DEVICE float to_f(float x) { return x; }
+GMA_DEVICE float to_f(double x) { return static_cast<float>(x); }
+GMA_DEVICE float to_f(unsigned char x) { return static_cast<float>(x); }
+{conversions}
+GMA_DEVICE float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+GMA_DEVICE float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+"""
+
+_CONVERSIONS = {
+    "f16": "GMA_DEVICE float to_f(__half x) { return __half2float(x); }\n",
+    "bf16": "GMA_DEVICE float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }\n",
+}
+
+_STORE = {"f32": "*p = v;", "f64": "*p = static_cast<double>(v);", "f16": "*p = __float2half_rn(v);",
+          "bf16": "*p = __float2bfloat16_rn(v);"}
+
+
+def finish(c: Code, name: str, description: str, v: Variant, t: Tiles | None,
+           config: dict) -> Emitted:
+    """Header + body of kernel ``name`` as an :class:`Emitted`."""
+    return Emitted(name, header(name, description, v, t, config) + c.text(), tuple(c.params),
+                   t.num_threads if t is not None else 256, smem_bytes(v, t) if t is not None else 0)
+
+
+def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, config: dict,
+           arch_note: str = "") -> str:
+    """Comment header + includes + typedefs + constants + helpers."""
+    from gmagen import __version__
+
+    from .nvrtc import nvrtc_version
+
+    lines = [f"// gmagen {__version__} / NVRTC {nvrtc_version()}{arch_note}: {kernel_name}",
+             f"// {description}",
+             "// variant: " + ", ".join(f"{k}={val}" for k, val in v.describe().items()),
+             "// config:  " + ", ".join(f"{k}={val}" for k, val in sorted(config.items()))]
+    if t is not None:
+        lines.append(f"// shared memory: {smem_bytes(v, t)} bytes (dynamic)")
+    used = {v.dtype, v.param_dtype, v.state_dtype}
+    for dt in ("f16", "bf16"):
+        if dt in used:
+            lines.append(f"#include <{HEADERS[dt]}>")
+    lines += ["",
+              f"typedef {CUDA_TYPE[v.dtype]} T_t;      // tokens q, k, v and y",
+              f"typedef {CUDA_TYPE[v.param_dtype]} P_t;      // mixture parameters",
+              f"typedef {CUDA_TYPE[v.state_dtype]} A_t;      // memory / initial state",
+              "",
+              f"[[maybe_unused]] constexpr int D = {v.D};",
+              f"[[maybe_unused]] constexpr int DV = {v.Dv};",
+              f"[[maybe_unused]] constexpr int K = {v.K};",
+              f"[[maybe_unused]] constexpr int KP = {pad_odd(v.K)};  // row stride of [BLOCK_N, K] tiles",
+              f"[[maybe_unused]] constexpr float EPS = {float(v.eps)!r}f;",
+              f"[[maybe_unused]] constexpr float LOG2E = {LOG2E!r}f;",
+              f"[[maybe_unused]] constexpr float HALF_LOG2E = {LOG2E / 2!r}f;"]
+    if t is not None:
+        lines += [f"[[maybe_unused]] constexpr int THREADS = {t.num_threads};",
+                  "[[maybe_unused]] constexpr int NWARPS = THREADS / 32;",
+                  f"[[maybe_unused]] constexpr int BLOCK_N = {t.block_n};",
+                  f"[[maybe_unused]] constexpr int BLOCK_DV = {t.block_dv};",
+                  f"[[maybe_unused]] constexpr int DC = {t.d_chunk};   // D columns per shared-memory chunk",
+                  f"[[maybe_unused]] constexpr int DCP = {pad_odd(t.d_chunk)};",
+                  f"[[maybe_unused]] constexpr int BNP = {pad_odd(t.block_n)};"]
+    else:
+        lines.append("[[maybe_unused]] constexpr int THREADS = 256;")
+    conv = "".join(_CONVERSIONS[d] for d in ("f16", "bf16") if d in used)
+    helpers = _HELPERS.replace("{conversions}", conv)
+    store = f"GMA_DEVICE void store_T(T_t* p, float v) {{ {_STORE[v.dtype]} }}\n"
+    return "\n".join(lines) + "\n" + helpers + "\n" + store + "\n"
+
+
+# --------------------------------------------------------------------------- parameters
+
+def token_params(t: str, const: bool = True) -> list[str]:
+    q = "const T_t* __restrict__" if const else "T_t* __restrict__"
+    return [f"{q} {t}_ptr", f"long long {t}_sb", f"long long {t}_sn", f"long long {t}_sh",
+            f"long long {t}_sd"]
+
+
+def mixture_params(m: str, covariance: str) -> list[str]:
+    lv_rank = {"diag": 3, "spherical": 2, "shared": 1}[covariance]
+    return ([f"const P_t* __restrict__ {m}_mean", f"long long {m}_mean_sh", f"long long {m}_mean_sk",
+             f"long long {m}_mean_sd", f"const P_t* __restrict__ {m}_lv"]
+            + [f"long long {m}_lv_s{i}" for i in range(lv_rank)]
+            + [f"const P_t* __restrict__ {m}_logit", f"long long {m}_logit_sh",
+               f"long long {m}_logit_sk"])
+
+
+MASK_PARAMS = ["const unsigned char* __restrict__ mask_ptr", "long long mask_sb", "long long mask_sn"]
+
+
+def kernel_open(c: Code, name: str, params: list[str], grid_doc: str) -> None:
+    c.params = list(params)
+    c(f'extern "C" __global__ void __launch_bounds__(THREADS, 1) {name}(')
+    for i, p in enumerate(params):
+        c(f"    {p}{',' if i < len(params) - 1 else ') {'}")
+    c.depth += 1
+    c(f"// grid: {grid_doc}; block: THREADS")
+
+
+def smem_declare(c: Code, v: Variant, t: Tiles) -> None:
+    c("extern __shared__ __align__(16) float smem[];")
+    offset = 0
+    for name, count in smem_buffers(v, t):
+        c(f"float* const {name} = smem + {offset};  // {count} floats")
+        offset += count
+    c("const int tid = threadIdx.x;", "const int lane = tid & 31;", "const int warp = tid >> 5;")
+
+
+def bh_indices(c: Code, axis: str = "x") -> None:
+    c(f"const long long bh = blockIdx.{axis};", "const long long b = bh / H;",
+      "const long long h = bh % H;")
+
+
+def segment_range(c: Code) -> None:
+    c("const long long seg = blockIdx.y;",
+      "const long long start = seg * SEG;",
+      "const long long end = start + SEG < N ? start + SEG : N;")
+
+
+def token_base(c: Code, t: str, const: bool = True) -> None:
+    q = "const T_t*" if const else "T_t*"
+    c(f"{q} const {t}_base = {t}_ptr + b * {t}_sb + h * {t}_sh;  // 64-bit offsets")
+
+
+# --------------------------------------------------------------------------- mixtures
+
+def mixture_setup(c: Code, m: str, covariance: str) -> None:
+    """Per-head constants of mixture ``m``: ``{m}_c_s`` [K] (base 2), ``{m}_w_s`` [K]
+    (spherical) or the register ``{m}_w`` (shared)."""
+    c(f"// mixture {m} ({covariance} covariance): base-2 constants c_k")
+    c.open("for (int k = tid; k < K; k += THREADS)")
+    c(f"float ck = to_f({m}_logit[h * {m}_logit_sh + k * {m}_logit_sk]);")
+    if covariance == "diag":
+        c("float rho_sum = 0.f;",
+          f"for (int d = 0; d < D; ++d) rho_sum += to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1 + "
+          f"d * {m}_lv_s2]);",
+          "ck -= 0.5f * rho_sum;")
+    elif covariance == "spherical":
+        c(f"const float rho = to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1]);",
+          "ck -= 0.5f * D * rho;",
+          f"{m}_w_s[k] = HALF_LOG2E * expf(-rho);")
+    c(f"{m}_c_s[k] = LOG2E * ck;")
+    c.close()
+    if covariance == "shared":
+        c(f"const float {m}_w = HALF_LOG2E * expf(-to_f({m}_lv[h * {m}_lv_s0]));  "
+          f"// the rho term is equal for every k: dropped")
+
+
+def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str) -> None:
+    """``{r}`` [BLOCK_N, KP] = softmax over k of the logits of token rows n0 + i
+    (rows at or past ``end`` read as zeros).  ``keep``: "" (every row normalized),
+    "range" (rows past ``end`` zeroed) or "mask" (and rows whose key_mask is False)."""
+    c(f"// responsibilities of {t} rows [n0, n0 + BLOCK_N): {r} [BLOCK_N, K] (mixture {m})")
+    c("__syncthreads();  // earlier readers of the tiles below are done")
+    c(f"for (int idx = tid; idx < BLOCK_N * K; idx += THREADS) {r}[(idx / K) * KP + idx % K] = 0.f;")
+    c.open("for (int d0 = 0; d0 < D; d0 += DC)")
+    c("__syncthreads();")
+    c.open("for (int idx = tid; idx < BLOCK_N * DC; idx += THREADS)")
+    c("const int i = idx / DC, d = idx % DC;",
+      "const long long row = n0 + i;",
+      f"x_s[i * DCP + d] = (row < end && d0 + d < D) ? "
+      f"to_f({t}_base[row * {t}_sn + (long long)(d0 + d) * {t}_sd]) : 0.f;")
+    c.close()
+    c.open("for (int idx = tid; idx < K * DC; idx += THREADS)")
+    c("const int k = idx / DC, d = idx % DC;",
+      "const bool ok = d0 + d < D;",
+      f"mu_s[k * DCP + d] = ok ? to_f({m}_mean[h * {m}_mean_sh + k * {m}_mean_sk + "
+      f"(d0 + d) * {m}_mean_sd]) : 0.f;")
+    if covariance == "diag":
+        c(f"w_s[k * DCP + d] = ok ? HALF_LOG2E * expf(-to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1 + "
+          f"(d0 + d) * {m}_lv_s2])) : 0.f;")
+    c.close()
+    c("__syncthreads();")
+    c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
+    c("const int i = idx / K, k = idx % K;",
+      "const float* xr = x_s + i * DCP;",
+      "const float* mr = mu_s + k * DCP;")
+    if covariance == "diag":
+        c("const float* wr = w_s + k * DCP;")
+    c("float a = 0.f;", "#pragma unroll 8")
+    c.open("for (int d = 0; d < DC; ++d)")
+    c("const float t = xr[d] - mr[d];")
+    c("a = fmaf(t * t, wr[d], a);" if covariance == "diag" else "a = fmaf(t, t, a);")
+    c.close()
+    c(f"{r}[i * KP + k] += a;")
+    c.close()
+    c.close()
+    c("__syncthreads();")
+    logit = {"diag": f"{m}_c_s[k] - {r}[i * KP + k]",
+             "spherical": f"{m}_c_s[k] - {m}_w_s[k] * {r}[i * KP + k]",
+             "shared": f"{m}_c_s[k] - {m}_w * {r}[i * KP + k]"}[covariance]
+    c("// softmax over k, one warp per row (base 2)")
+    c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+    c("float mx = -__int_as_float(0x7f800000);  // -inf")
+    c.open("for (int k = lane; k < K; k += 32)")
+    c(f"const float l = {logit};", f"{r}[i * KP + k] = l;", "mx = fmaxf(mx, l);")
+    c.close()
+    c("mx = warp_max(mx);", "float sum = 0.f;")
+    c.open("for (int k = lane; k < K; k += 32)")
+    c(f"const float e = exp2f({r}[i * KP + k] - mx);", f"{r}[i * KP + k] = e;", "sum += e;")
+    c.close()
+    c("sum = warp_sum(sum);")
+    if keep:
+        c("const long long row = n0 + i;")
+        cond = "row < end"
+        if keep == "mask":
+            cond += " && mask_ptr[b * mask_sb + row * mask_sn] != 0"
+        c(f"const float inv = ({cond}) ? 1.f / sum : 0.f;  // dropped keys write nothing")
+    else:
+        c("const float inv = 1.f / sum;")
+    c(f"for (int k = lane; k < K; k += 32) {r}[i * KP + k] *= inv;")
+    c.close()
+    c("__syncthreads();")
+
+
+# --------------------------------------------------------------------------- state
+
+def load_v_tile(c: Code) -> None:
+    """``v_s`` [BLOCK_N, BLOCK_DV]: values of rows n0 + i, columns dv0 + j (zeros outside)."""
+    c("// values: v_s [BLOCK_N, BLOCK_DV]")
+    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
+    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const long long row = n0 + i;",
+      "v_s[idx] = (row < end && dv0 + j < DV) ? "
+      "to_f(v_base[row * v_sn + (long long)(dv0 + j) * v_sd]) : 0.f;")
+    c.close()
+
+
+def state_zero(c: Code) -> None:
+    c("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS) S_s[idx] = 0.f;",
+      "for (int k = tid; k < K; k += THREADS) n_s[k] = 0.f;")
+
+
+def state_update(c: Code) -> None:
+    """S_s[k, j] += sum_i rk_s[i, k] v_s[i, j];  n_s[k] += sum_i rk_s[i, k]."""
+    c("// state update: S += rk^T v, n += colsum(rk)  (owner (k, j): fixed order)")
+    c.open()
+    c("const int j = tid % BLOCK_DV;")
+    c.open("for (int k = tid / BLOCK_DV; k < K; k += THREADS / BLOCK_DV)")
+    c("float a = 0.f;", "#pragma unroll 4")
+    c("for (int i = 0; i < BLOCK_N; ++i) a = fmaf(rk_s[i * KP + k], v_s[i * BLOCK_DV + j], a);",
+      "S_s[k * BLOCK_DV + j] += a;")
+    c.close()
+    c.close()
+    c.open("for (int k = tid; k < K; k += THREADS)")
+    c("float a = 0.f;", "for (int i = 0; i < BLOCK_N; ++i) a += rk_s[i * KP + k];", "n_s[k] += a;")
+    c.close()
+
+
+def state_store(c: Code, s: str, n: str, base_s: str, base_n: str) -> None:
+    """Write S_s / n_s to float32 ``{s}`` at ``base_s + k * {s}_sk + dv * {s}_sdv`` (and
+    n from the first Dv block only)."""
+    c.open("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;")
+    c(f"if (dv0 + j < DV) {s}_ptr[{base_s} + k * {s}_sk + (long long)(dv0 + j) * {s}_sdv] = S_s[idx];")
+    c.close()
+    c.open("if (blockIdx.z == 0)")
+    c(f"for (int k = tid; k < K; k += THREADS) {n}_ptr[{base_n} + k * {n}_sk] = n_s[k];")
+    c.close()

@@ -1,0 +1,96 @@
+"""Tile knobs per plan kind, the default heuristic, and validity checks.
+
+Knobs (a Config; ``str()`` pastes back into ``gmagen.compile(config=...)``):
+
+  block_n      tokens per tile (the chunk length C of the causal scan)
+  block_dv     Dv columns per block (a grid axis when Dv > block_dv)
+  d_chunk      D columns staged in shared memory per step of the logits
+  num_threads  threads per block
+  segments     blocks per (b, h) along N; 0 = enough to fill the GPU
+
+Every tile lives in shared memory (layout: ``prelude.smem_buffers``); the
+default shrinks tiles until a block needs at most SMEM_LIMIT bytes, which
+every GPU from sm_80 on grants to one block (past 48 KB the launch opts in).
+"""
+
+from __future__ import annotations
+
+from gmagen.config import Config
+from gmagen.errors import OptionError
+
+from .prelude import Tiles, Variant, smem_bytes
+
+SMEM_LIMIT = 96 * 1024
+MAX_K = 256
+
+KNOBS: dict[str, dict[str, tuple]] = {
+    "responsibility": {"block_n": (8, 16, 32, 64, 128), "d_chunk": (), "num_threads": (64, 128, 256, 512)},
+    "write": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
+              "num_threads": (64, 128, 256, 512), "segments": ()},
+    "read": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
+             "num_threads": (64, 128, 256, 512), "segments": ()},
+    "scan": {"block_n": (8, 16, 32, 64), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
+             "num_threads": (64, 128, 256, 512), "segments": ()},
+}
+
+
+def pow2_at_least(x: int, lo: int = 8) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+def tiles_of(config: Config) -> Tiles:
+    return Tiles(block_n=int(config.get("block_n", 64)), block_dv=int(config.get("block_dv", 64)),
+                 d_chunk=int(config.get("d_chunk", 32)),
+                 num_threads=int(config.get("num_threads", 256)))
+
+
+def default_config(kind: str, D: int, Dv: int, K: int, dtype: str = "f32",
+                   variant: Variant | None = None) -> Config:
+    """Largest tiles that fit SMEM_LIMIT: start from block_n 64 (scan: 32),
+    block_dv 64, d_chunk 32 and halve d_chunk, block_dv, block_n in turn."""
+    v = variant or Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype,
+                           same_mixture=False)
+    cfg = {"block_n": 32 if kind == "scan" else 64,
+           "block_dv": min(pow2_at_least(Dv), 64),
+           "d_chunk": min(pow2_at_least(D), 32), "num_threads": 256}
+    order = ["d_chunk", "block_dv", "block_n", "d_chunk", "block_n", "block_dv", "block_n"]
+    floor = {"d_chunk": 8, "block_dv": 16, "block_n": 8}
+    i = 0
+    while smem_bytes(v, tiles_of(Config(cfg))) > SMEM_LIMIT and i < 50:
+        knob = order[i % len(order)]
+        if cfg[knob] > floor[knob]:
+            cfg[knob] //= 2
+        i += 1
+    if kind == "responsibility":
+        return Config(block_n=cfg["block_n"], d_chunk=cfg["d_chunk"], num_threads=256)
+    return Config(cfg, segments=0)
+
+
+def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
+    """Every knob known and allowed for ``kind``, and the tiles fit; raises naming
+    the knob."""
+    knobs = KNOBS[kind]
+    for key, value in config.items():
+        if key not in knobs:
+            raise OptionError(f"cupy {kind} kernel has no config knob {key!r}; knobs: "
+                              + ", ".join(sorted(knobs)))
+        allowed = knobs[key]
+        if allowed and value not in allowed:
+            raise OptionError(f"cupy {kind} config {key}={value!r} is not allowed; expected one "
+                              f"of {allowed}")
+        if not allowed and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise OptionError(f"cupy {kind} config {key}={value!r}: expected an int >= 0")
+    t = tiles_of(config)
+    if "d_chunk" in config and not 1 <= t.d_chunk <= 128:
+        raise OptionError(f"cupy {kind} config d_chunk={t.d_chunk}: expected 1..128")
+    if kind != "responsibility" and t.block_dv > t.num_threads:
+        raise OptionError(f"cupy {kind} config block_dv={t.block_dv} exceeds "
+                          f"num_threads={t.num_threads}")
+    if v is not None and smem_bytes(v, t) > SMEM_LIMIT:
+        raise OptionError(f"cupy {kind} config {config}: a block needs {smem_bytes(v, t)} bytes "
+                          f"of shared memory at D={v.D}, Dv={v.Dv}, K={v.K}, more than "
+                          f"{SMEM_LIMIT}; try smaller block_n, block_dv or d_chunk")
+    return config

@@ -1,0 +1,49 @@
+"""The read plan as TE: responsibilities of the queries fused with slot_read.
+
+row:  y_i = sum_k r_ik S_k / (sum_k r_ik n_k + eps)
+slot: y_i = sum_k r_ik / (n_k + eps) S_k
+(``gmagen.ir.oracle.slot_read`` / ``_read``); y in the call's layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import te
+
+from .prelude import Graph
+
+
+def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> Graph:
+    g = Graph("read", layout, dims)
+    op = kernel.main
+    K, Dv = dims["K"], dims["Dv"]
+    eps = float(op.eps)
+    r = g.r_operand(kernel, "r", "q")
+    s_mem, n_mem = g.memory(op.memory)
+    k1 = te.reduce_axis((0, K), name="k")
+    if op.norm == "slot":
+        num = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: te.sum(
+            r[b, h, i, k1] / (n_mem[b, h, k1] + eps) * s_mem[b, h, k1, e], axis=k1), name="num")
+        g.stage(num, 3, 2, "sum_k r_ik / (n_k + eps) S_k  [B, H, N, Dv]")
+
+        def y_of(b, h, i, e):
+            return num[b, h, i, e]
+    else:
+        num = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: te.sum(
+            r[b, h, i, k1] * s_mem[b, h, k1, e], axis=k1), name="num")
+        k2 = te.reduce_axis((0, K), name="k")
+        den = te.compute((g.B, g.H, g.N), lambda b, h, i: te.sum(
+            r[b, h, i, k2] * n_mem[b, h, k2], axis=k2), name="den")
+        g.stage(num, 3, 2, "sum_k r_ik S_k  [B, H, N, Dv]")
+        g.stage(den, 3, 2, "sum_k r_ik n_k  [B, H, N]")
+
+        def y_of(b, h, i, e):
+            return num[b, h, i, e] / (den[b, h, i] + eps)
+    if layout == "bnhd":
+        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        g.stage(y, 2, 1, "y in layout bnhd")
+    else:
+        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        g.stage(y, 3, 2, "y in layout bhnd")
+    g.output(op.out, y, g.token_shape(Dv))
+    return g

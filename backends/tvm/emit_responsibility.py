@@ -1,0 +1,28 @@
+"""The standalone responsibility plan as TE: R [B, N, H, K] (call's layout).
+
+Must match ``gmagen.ir.oracle.responsibility`` (responsibility_logits + the
+stable softmax)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import te
+
+from .prelude import Graph
+
+
+def emit(kernel: Any, layout: str, dims: dict[str, int]) -> Graph:
+    g = Graph("responsibility", layout, dims)
+    op = kernel.main
+    r = g.responsibility(op, "x")
+    K = dims["K"]
+    if layout == "bnhd":
+        out = te.compute((g.B, g.N, g.H, K), lambda b, n, h, k: r[b, h, n, k], name="R")
+        token = 1
+    else:
+        out = te.compute((g.B, g.H, g.N, K), lambda b, h, n, k: r[b, h, n, k], name="R")
+        token = 2
+    g.stage(out, token + 1, token, f"R in layout {layout}")
+    g.output(op.out, out, g.token_shape(K))
+    return g

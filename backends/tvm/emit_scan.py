@@ -1,0 +1,155 @@
+"""The scan plan as TE: responsibilities of queries and keys fused with
+causal_scan, in chunks of C tokens (``gmagen.ir.oracle.causal_scan``).
+
+Per (b, h), with chunk c = i // C holding tokens [c C, c C + C):
+
+  dS_c = sum_{j in c} m_j r_jk v_j,  dn_c = sum_{j in c} m_j r_jk       [B, H, NC, K, (Dv)]
+  S_in(c) = S0 + sum_{c' < c} dS_c'  (exclusive prefix over chunks: a sequential
+            loop per (b, h, k, dv) written with TVM's IRBuilder, the one stage that is
+            not a te.compute; the (b, h) pairs run in parallel)
+  slot:  q_i = r_i / (n_in(c) + sum_{j in c, j <= i} m_j r_j + eps), row: q_i = r_i
+  A_ij = q_i . m_j r_j for j in c, j <= i (a masked C x C product, never N x N)
+  y_i  = sum_j A_ij v_j + q_i S_in(c)      (row: / (sum_j A_ij + q_i . n_in(c) + eps))
+  final state = S_in(NC - 1) + dS_{NC-1}
+
+N = 0 never reaches the built function (lower.py passes the state through)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import te, tirx
+
+from .prelude import Graph
+
+
+def chunk_prefix(delta: Any, init: Any, name: str) -> Any:
+    """out[b, h, c] = init[b, h] + sum_{c' < c} delta[b, h, c'] for delta [B, H, NC, *X]
+    (init [B, H, *X], or None for zeros): a te.extern whose body is a sequential
+    loop over chunks, parallel over (b, h)."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    shape = delta.shape
+    B, H, NC, rest = shape[0], shape[1], shape[2], [int(x) for x in shape[3:]]
+
+    def body(ins: list, outs: list) -> Any:
+        with IRBuilder() as ib:
+            x = T.buffer_proxy(ins[0])
+            s0 = T.buffer_proxy(ins[1]) if init is not None else None
+            out = T.buffer_proxy(outs[0])
+            with T.parallel(0, B * H) as bh:
+                b, h = tirx.indexdiv(bh, H), tirx.indexmod(bh, H)
+                with T.grid(*rest) as idx:
+                    idx = list(idx) if isinstance(idx, (list, tuple)) else [idx]
+                    out[(b, h, 0, *idx)] = s0[(b, h, *idx)] if s0 is not None else 0.0
+                    with T.serial(0, NC - 1) as c:
+                        out[(b, h, c + 1, *idx)] = out[(b, h, c, *idx)] + x[(b, h, c, *idx)]
+        return ib.get()
+
+    inputs = [delta] + ([init] if init is not None else [])
+    return te.extern(shape, inputs, body, name=name, dtype="float32")
+
+
+def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
+         chunk: int) -> Graph:
+    g = Graph("scan", layout, dims)
+    op = kernel.main
+    K, Dv, C = dims["K"], dims["Dv"], chunk
+    eps = float(op.eps)
+    B, N, H = g.B, g.N, g.H
+    NC = tirx.indexdiv(N + (C - 1), C)
+    rq = g.r_operand(kernel, "rq", "q")
+    rk = g.r_operand(kernel, "rk", "k")
+    v = g.tokens(op.v, Dv)
+    mask = g.key_mask(op.key_mask if op.key_mask in present else None)
+    w = g.weights(rk, mask, "k")
+    init = op.initial_state if op.initial_state in present else None
+    s0, n0 = g.memory(init) if init is not None else (None, None)
+
+    def chunk_of(i):
+        return tirx.indexdiv(i, C)
+
+    def pos_of(i):
+        return tirx.indexmod(i, C)
+
+    # what each chunk writes
+    t1 = te.reduce_axis((0, C), name="t")
+    ds = te.compute((B, H, NC, K, Dv), lambda b, h, c, k, e: te.sum(
+        w(b, h, c * C + t1, k) * v(b, c * C + t1, h, e), axis=t1, where=c * C + t1 < N),
+        name="dS")
+    t2 = te.reduce_axis((0, C), name="t")
+    dn = te.compute((B, H, NC, K), lambda b, h, c, k: te.sum(
+        w(b, h, c * C + t2, k), axis=t2, where=c * C + t2 < N), name="dn")
+    g.stage(ds, 3, None, f"dS_c = sum_(j in chunk c) m_j r_jk v_j  [B, H, NC, K, Dv], C = {C}")
+    g.stage(dn, 3, None, "dn_c = sum_(j in chunk c) m_j r_jk  [B, H, NC, K]")
+    # the state entering each chunk: exclusive prefix over chunks (+ initial state)
+    ps = chunk_prefix(ds, s0, "S_in")
+    pn = chunk_prefix(dn, n0, "n_in")
+    g.notes.append("S_in, n_in: " + ("S0 + " if s0 is not None else "")
+                   + "exclusive prefix of dS, dn over chunks (te.extern: a sequential loop "
+                   "over chunks, parallel over (b, h))")
+
+    def s_in(b, h, c, k, e):
+        return ps[b, h, c, k, e]
+
+    def n_in(b, h, c, k):
+        return pn[b, h, c, k]
+    # the queries' side: slot norm divides by n_k(i), inclusive of token i
+    if op.norm == "slot":
+        j0 = te.reduce_axis((0, C), name="j")
+        wc = te.compute((B, H, N, K), lambda b, h, i, k: te.sum(
+            w(b, h, chunk_of(i) * C + j0, k), axis=j0, where=j0 <= pos_of(i)), name="w_cum")
+        g.stage(wc, 3, 2, "sum_(j in chunk, j <= i) m_j r_jk  [B, H, N, K]")
+        qn = te.compute((B, H, N, K), lambda b, h, i, k: rq[b, h, i, k] / (
+            n_in(b, h, chunk_of(i), k) + wc[b, h, i, k] + eps), name="q_norm")
+        g.stage(qn, 3, 2, "r_ik / (n_k(i) + eps)  [B, H, N, K]")
+    else:
+        qn = rq
+    kk = te.reduce_axis((0, K), name="k")
+    a = te.compute((B, H, N, C), lambda b, h, i, j: te.sum(
+        qn[b, h, i, kk] * w(b, h, chunk_of(i) * C + j, kk), axis=kk, where=j <= pos_of(i)),
+        name="A")
+    g.stage(a, 3, 2, "A_ij = q_i . m_j r_j, j in chunk, j <= i  [B, H, N, C]")
+    j1 = te.reduce_axis((0, C), name="j")
+    intra = te.compute((B, H, N, Dv), lambda b, h, i, e: te.sum(
+        a[b, h, i, j1] * v(b, chunk_of(i) * C + j1, h, e), axis=j1, where=j1 <= pos_of(i)),
+        name="y_intra")
+    k1 = te.reduce_axis((0, K), name="k")
+    inter = te.compute((B, H, N, Dv), lambda b, h, i, e: te.sum(
+        qn[b, h, i, k1] * s_in(b, h, chunk_of(i), k1, e), axis=k1), name="y_inter")
+    g.stage(intra, 3, 2, "sum_(j in chunk, j <= i) A_ij v_j  [B, H, N, Dv]")
+    g.stage(inter, 3, 2, "q_i . S_in(chunk of i)  [B, H, N, Dv]")
+    if op.norm == "row":
+        j2 = te.reduce_axis((0, C), name="j")
+        k2 = te.reduce_axis((0, K), name="k")
+        den_intra = te.compute((B, H, N), lambda b, h, i: te.sum(
+            a[b, h, i, j2], axis=j2, where=j2 <= pos_of(i)), name="den_intra")
+        den_inter = te.compute((B, H, N), lambda b, h, i: te.sum(
+            qn[b, h, i, k2] * n_in(b, h, chunk_of(i), k2), axis=k2), name="den_inter")
+        g.stage(den_intra, 3, 2, "sum_j A_ij  [B, H, N]")
+        g.stage(den_inter, 3, 2, "q_i . n_in(chunk of i)  [B, H, N]")
+
+        def y_of(b, h, i, e):
+            return (intra[b, h, i, e] + inter[b, h, i, e]) / (
+                den_intra[b, h, i] + den_inter[b, h, i] + eps)
+    else:
+        def y_of(b, h, i, e):
+            return intra[b, h, i, e] + inter[b, h, i, e]
+    if layout == "bnhd":
+        y = te.compute((B, N, H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        g.stage(y, 2, 1, "y in layout bnhd")
+    else:
+        y = te.compute((B, H, N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        g.stage(y, 3, 2, "y in layout bhnd")
+    # the state after the last token
+    s_end = te.compute((B, H, K, Dv), lambda b, h, k, e: s_in(b, h, NC - 1, k, e)
+                       + ds[b, h, NC - 1, k, e], name="S_final")
+    n_end = te.compute((B, H, K), lambda b, h, k: n_in(b, h, NC - 1, k) + dn[b, h, NC - 1, k],
+                       name="n_final")
+    g.stage(s_end, 2, None, "final state S [B, H, K, Dv]")
+    g.stage(n_end, 2, None, "final state n [B, H, K]")
+    g.output(op.out, y, g.token_shape(Dv))
+    g.output(op.state_out, s_end, ("B", "H", K, Dv), "S")
+    g.output(op.state_out, n_end, ("B", "H", K), "n")
+    return g

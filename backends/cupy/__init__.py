@@ -41,12 +41,27 @@ def _probe() -> tuple[bool, str, bool]:
     return True, "", True
 
 
+@lru_cache(maxsize=1)
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 class CupyBackend(Backend):
     name = "cupy"
-    native = "cupy"
     devices = ("cuda",)
     dtypes = ("f16", "bf16", "f32")
     options = {"arch": ()}
+
+    @property
+    def native(self) -> str:  # type: ignore[override]
+        """"torch" when torch is installed: CuPy has no bfloat16 arrays, so torch
+        callers' tensors (any dtype) are launched on as they are and CuPy callers'
+        arrays are viewed as torch tensors through DLPack (gmagen.adapters.dlpack
+        has no torch -> cupy conversion).  Without torch: "cupy" (CuPy callers,
+        f16/f32)."""
+        return "torch" if _has_torch() else "cupy"
 
     def availability(self) -> Availability:
         compiles, reason, device = _probe()

@@ -154,7 +154,7 @@ class CupyExecutable(Executable):
         device = binding.device[1]
         with cupy.cuda.Device(device):
             stream = caller_stream(binding, device)
-            with stream:
+            with stream, _torch_stream(x, stream):
                 if self.kind == "responsibility":
                     return self._run_responsibility(env, x, stream, device)
                 if self.kind == "write":
@@ -277,6 +277,24 @@ class CupyExecutable(Executable):
             args.update(zip(("n0_sb", "n0_sh", "n0_sk"), launch.strides(n0)))
         self._launch("scan", (BH, P, dvb), args, stream, device)
         return {main.out: y, main.state_out: (S, n)}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _torch_stream(x: Any, stream: Any) -> Any:
+    """Torch tensors (native "torch"): make the launch stream torch's current one
+    too, so that buffers torch allocates here belong to the stream that uses them."""
+    if not launch.is_torch(x):
+        return _nullcontext()
+    import torch
+
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=x.device))
 
 
 _SM_COUNT: dict[int, int] = {}

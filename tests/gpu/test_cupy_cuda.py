@@ -1,0 +1,313 @@
+"""CuPy backend on CUDA vs the float64 oracle: every variant (causal x norm x
+covariance x key mask) in bf16/f16/f32, initial/final state, N=1, N=1000,
+K=1, D=Dv=K=256, bhnd layout, fully masked keys, torch tensors on torch's
+current stream and CuPy arrays on CuPy's.
+
+Skipped without a CUDA device (CI); run with the Triton GPU tests.  Results go
+to $GMAGEN_GPU_RESULTS.<worker> like tests/gpu/test_triton_cuda.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+cupy = pytest.importorskip("cupy")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (run scripts/gpu_run.sh on the GPU machine)",
+                allow_module_level=True)
+
+import gmagen  # noqa: E402
+from gmagen.cases import TOLERANCES, round_to  # noqa: E402
+from gmagen.dsl import gma_qk_mixtures  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_RESULTS: list[dict] = []
+
+
+def _record(**row: object) -> None:
+    _RESULTS.append(row)
+    out = os.environ.get("GMAGEN_GPU_RESULTS")
+    if out:
+        with open(f"{out}.cupy.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "w") as f:
+            json.dump(_RESULTS, f, indent=1)
+
+
+def _rel(y: np.ndarray, ref: np.ndarray) -> float:
+    y = np.asarray(y, dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        return float("nan")
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def _inputs(rng, B, N, H, D, Dv, K, covariance, dtype, scale=1.0, log_var_shift=0.0):
+    lv_shape = {"diag": (H, K, D), "spherical": (H, K), "shared": (H,)}[covariance]
+    arrs = [rng.normal(size=(B, N, H, D)) * scale, rng.normal(size=(B, N, H, D)) * scale,
+            rng.normal(size=(B, N, H, Dv)), rng.normal(0, 0.5, (H, K, D)),
+            rng.normal(0, 0.1, lv_shape) + log_var_shift, rng.normal(0, 0.1, (H, K))]
+    return [round_to(a, dtype) if i < 3 else round_to(a, "f32") for i, a in enumerate(arrs)]
+
+
+def _cuda(arrs, dtype):
+    return [torch.tensor(a, dtype=TORCH_DTYPES[dtype] if i < 3 else torch.float32, device="cuda")
+            for i, a in enumerate(arrs)]
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled(monkeypatch):
+    """Buffers the backend allocates start NaN-filled: an element a kernel forgets
+    to write fails instead of passing on lucky zeros."""
+    from gmagen.backends.cupy import launch
+
+    real = launch.empty
+
+    def nan_empty(like, shape, dtype=None):
+        out = real(like, shape, dtype)
+        if launch.is_torch(out):
+            return out.fill_(float("nan"))
+        out.fill(float("nan"))
+        return out
+
+    monkeypatch.setattr(launch, "empty", nan_empty)
+
+
+def _check(program, arrs, dtype, mask=None, tol=None, name="", init=None, **call):
+    ref, ref_state = gmagen.compile(program)(*arrs, key_mask=mask, initial_state=init,
+                                             return_state=True, **call) if init is not None else \
+        gmagen.compile(program)(*arrs, key_mask=mask, return_state=True, **call)
+    kern = gmagen.compile(program, backend="cupy")
+    t_mask = None if mask is None else torch.tensor(mask, device="cuda")
+    extra = {}
+    if init is not None:
+        extra["initial_state"] = tuple(torch.tensor(a, dtype=torch.float32, device="cuda")
+                                       for a in init)
+    y, (s, n) = kern(*_cuda(arrs, dtype), key_mask=t_mask, return_state=True, **extra)
+    torch.cuda.synchronize()
+    err = _rel(y.float().cpu().numpy(), ref)
+    err_s = _rel(s.cpu().numpy(), ref_state[0])
+    err_n = _rel(n.cpu().numpy(), ref_state[1])
+    tol = tol or TOLERANCES[dtype]
+    _record(test=name, dtype=dtype, error=err, state_error=err_s, n_error=err_n, tol=tol,
+            config=str(kern.config))
+    assert y.dtype == TORCH_DTYPES[dtype]
+    assert err <= tol, f"{name}: y error {err:.3e} > {tol:.0e}"
+    assert err_s <= max(tol, 1e-4), f"{name}: state S error {err_s:.3e}"
+    assert err_n <= 1e-4, f"{name}: state n error {err_n:.3e}"
+    return kern
+
+
+VARIANTS = list(itertools.product((False, True), ("row", "slot"), ("diag", "spherical", "shared"),
+                                  (False, True)))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("causal,norm,cov,masked", VARIANTS,
+                         ids=[f"{'causal' if c else 'bidir'}-{n}-{v}{'-mask' if m else ''}"
+                              for c, n, v, m in VARIANTS])
+def test_variant(causal, norm, cov, masked, dtype):
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 300, 3, 64, 64, 64
+    arrs = _inputs(rng, B, N, H, D, Dv, K, cov, dtype)
+    mask = rng.random((B, N)) > 0.25 if masked else None
+    _check(gmagen.gma(causal=causal, norm=norm, covariance=cov), arrs, dtype, mask,
+           name=f"cupy-variant-{causal}-{norm}-{cov}-{masked}")
+
+
+SHAPES = [(1, 1, 1, 16, 16, 1), (2, 1, 3, 64, 64, 64), (2, 17, 2, 20, 33, 7),
+          (1, 1000, 2, 96, 100, 48), (2, 1000, 2, 64, 64, 1), (2, 700, 2, 128, 64, 130)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,N,H,D,Dv,K", SHAPES, ids=[f"B{s[0]}-N{s[1]}-D{s[3]}-Dv{s[4]}-K{s[5]}"
+                                                      for s in SHAPES])
+def test_shapes(B, N, H, D, Dv, K, causal):
+    rng = np.random.default_rng()
+    for dtype in ("bf16", "f32"):
+        arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype)
+        _check(gmagen.gma(causal=causal), arrs, dtype,
+               name=f"cupy-shape-{B}-{N}-{D}-{Dv}-{K}-{causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D,Dv,K", [(256, 256, 256), (128, 128, 256), (64, 128, 64)])
+def test_large_heads(D, Dv, K, causal):
+    rng = np.random.default_rng()
+    for dtype in ("bf16", "f32"):
+        arrs = _inputs(rng, 1, 300, 2, D, Dv, K, "diag", dtype)
+        _check(gmagen.gma(causal=causal), arrs, dtype, name=f"cupy-large-{D}-{Dv}-{K}-{causal}")
+
+
+def test_k_over_256_refused():
+    rng = np.random.default_rng()
+    arrs = _cuda(_inputs(rng, 1, 64, 1, 16, 16, 257, "diag", "bf16"), "bf16")
+    with pytest.raises(gmagen.errors.UnsupportedFeature, match="K=257"):
+        gmagen.compile(gmagen.gma(), backend="cupy")(*arrs)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_initial_state(norm, dtype):
+    """A given initial state; the final state and y match the oracle."""
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 150, 2, 32, 48, 16
+    arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype)
+    n0 = rng.uniform(0.5, 8.0, size=(B, H, K)).astype(np.float32)
+    s0 = (n0[..., None] * rng.normal(size=(B, H, K, Dv)) / 2).astype(np.float32)
+    _check(gmagen.gma(causal=True, norm=norm), arrs, dtype, init=(s0, n0),
+           name=f"cupy-init-{norm}")
+
+
+@pytest.mark.parametrize("hard", ["sharp", "large", "all_masked", "strided_bhnd", "qk_mixtures"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hard_cases(hard, causal):
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 200, 2, 64, 64, 16
+    for dtype in ("bf16", "f32"):
+        # float32 at log_var = -8, D = 64 is bounded by float32 itself (see the Triton test)
+        kw = {"sharp": dict(log_var_shift=-4.0 if dtype == "f32" else -8.0),
+              "large": dict(scale=20.0)}.get(hard, {})
+        arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype, **kw)
+        if hard == "all_masked":
+            mask = rng.random((B, N)) > 0.5
+            mask[1] = False
+            _check(gmagen.gma(causal=causal), arrs, dtype, mask, name=f"cupy-{hard}-{causal}")
+        elif hard == "qk_mixtures":
+            extra = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype)[3:]
+            program = gma_qk_mixtures(causal=causal)
+            ref = gmagen.compile(program)(*arrs, *extra)
+            y = gmagen.compile(program, backend="cupy")(*_cuda(arrs, dtype), *_cuda(extra, "f32"))
+            err = _rel(y.float().cpu().numpy(), ref)
+            _record(test=f"cupy-{hard}-{causal}", dtype=dtype, error=err, tol=TOLERANCES[dtype])
+            assert err <= TOLERANCES[dtype]
+        elif hard == "strided_bhnd":
+            ref = gmagen.compile(gmagen.gma(causal=causal))(*arrs)
+            t = _cuda(arrs, dtype)
+            qb, kb = (x.transpose(1, 2).contiguous() for x in t[:2])
+            vb = torch.cat([t[2], t[2]], -1).transpose(1, 2)[..., :Dv]  # bhnd, strided
+            mean_t = t[3].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous mean
+            y = gmagen.compile(gmagen.gma(causal=causal), backend="cupy")(
+                qb, kb, vb, mean_t, *t[4:], layout="bhnd")
+            err = _rel(y.transpose(1, 2).float().cpu().numpy(), ref)
+            _record(test=f"cupy-{hard}-{causal}", dtype=dtype, error=err, tol=TOLERANCES[dtype])
+            assert err <= TOLERANCES[dtype]
+        else:
+            _check(gmagen.gma(causal=causal), arrs, dtype, name=f"cupy-{hard}-{causal}")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_responsibilities(cov, layout):
+    rng = np.random.default_rng()
+    B, N, H, D, K = 2, 130, 3, 40, 24
+    arrs = _inputs(rng, B, N, H, D, D, K, cov, "f32")
+    x = arrs[0] if layout == "bnhd" else np.ascontiguousarray(arrs[0].transpose(0, 2, 1, 3))
+    ref = gmagen.responsibilities(x, *arrs[3:], layout=layout)
+    r = gmagen.responsibilities(torch.tensor(x, device="cuda"),
+                                *(torch.tensor(a, device="cuda") for a in arrs[3:]),
+                                backend="cupy", layout=layout)
+    err = _rel(r.cpu().numpy(), ref)
+    _record(test=f"cupy-resp-{cov}-{layout}", dtype="f32", error=err, tol=1e-4)
+    assert err <= 1e-4
+
+
+def test_causal_pieces_and_decode():
+    """Prefill in pieces then token-by-token decoding, state carried, equals one pass."""
+    rng = np.random.default_rng()
+    B, N, H, D, K = 2, 600, 3, 64, 64
+    arrs = _inputs(rng, B, N, H, D, D, K, "diag", "f32")
+    program = gmagen.gma(causal=True)
+    ref = gmagen.compile(program)(*arrs)
+    kern = gmagen.compile(program, backend="cupy")
+    t = _cuda(arrs, "f32")
+    ys, state = [], None
+    for lo, hi in [(0, 333), (333, 590)] + [(i, i + 1) for i in range(590, 600)]:
+        y, state = kern(*(x[:, lo:hi] for x in t[:3]), *t[3:], initial_state=state,
+                        return_state=True)
+        ys.append(y)
+    err = _rel(torch.cat(ys, 1).cpu().numpy(), ref)
+    _record(test="cupy-pieces-decode", dtype="f32", error=err, tol=1e-4)
+    assert err <= 1e-4
+
+
+def test_torch_caller_stream():
+    """torch tensors on a side stream: the kernels run on torch's current stream."""
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 513, 2, 64, 64, 32, "diag", "f32")
+    for causal in (False, True):
+        program = gmagen.gma(causal=causal)
+        ref = gmagen.compile(program)(*arrs)
+        kern = gmagen.compile(program, backend="cupy")
+        side = torch.cuda.Stream()
+        t = _cuda(arrs, "f32")
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(20_000_000)  # the launch must queue behind this, not overtake it
+            y = kern(*t)
+            y2 = y * 1.0  # ordered after the kernel on the same stream
+        side.synchronize()
+        err = _rel(y2.cpu().numpy(), ref)
+        _record(test=f"cupy-torch-stream-{causal}", dtype="f32", error=err, tol=1e-4)
+        assert isinstance(y, torch.Tensor) and err <= 1e-4
+
+
+def test_cupy_caller():
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 257, 2, 64, 64, 32, "diag", "f32")
+    for causal in (False, True):
+        program = gmagen.gma(causal=causal)
+        ref = gmagen.compile(program)(*arrs)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            y = gmagen.compile(program, backend="cupy")(*(cupy.asarray(a, dtype=cupy.float32)
+                                                          for a in arrs))
+            stream.synchronize()
+        assert isinstance(y, cupy.ndarray) and y.device.id == 0
+        err = _rel(cupy.asnumpy(y), ref)
+        _record(test=f"cupy-cupy-{causal}", dtype="f32", error=err, tol=1e-4)
+        assert err <= 1e-4
+
+
+def test_deterministic():
+    rng = np.random.default_rng()
+    for causal in (False, True):
+        t = _cuda(_inputs(rng, 4, 20000, 4, 64, 64, 64, "diag", "bf16"), "bf16")
+        kern = gmagen.compile(gmagen.gma(causal=causal), backend="cupy")
+        y1, s1 = kern(*t, return_state=True)
+        y2, s2 = kern(*t, return_state=True)
+        assert torch.equal(y1, y2) and torch.equal(s1[0], s2[0]) and torch.equal(s1[1], s2[1])
+
+
+def test_benchmark_length():
+    """The benchmark shape's D, Dv, K, bf16 at N = 65536 (several segments, reduce)."""
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 1, 65536, 2, 64, 64, 64, "diag", "bf16")
+    for causal in (False, True):
+        _check(gmagen.gma(causal=causal), arrs, "bf16", name=f"cupy-benchlen-{causal}")
+
+
+def test_past_2_31_elements():
+    """q, k, v of 1 x 2^21+100 x 16 x 64 (> 2^31 elements): offsets must be 64-bit."""
+    N, H, D, K = 2 ** 21 + 100, 16, 64, 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    rng = np.random.default_rng()
+    mix = [round_to(rng.normal(0, 0.5, (H, K, D)), "f32"),
+           round_to(rng.normal(0, 0.1, (H, K, D)), "f32"), round_to(rng.normal(0, 0.1, (H, K)), "f32")]
+    for causal in (False, True):
+        program = gmagen.gma(causal=causal)
+        y = gmagen.compile(program, backend="cupy")(
+            q, k, v, *(torch.tensor(m, device="cuda") for m in mix))
+        h = H - 1
+        sl = [x[:, :, h:h + 1].float().cpu().numpy() for x in (q, k, v)]
+        ref = gmagen.compile(program)(*sl, *(m[h:h + 1] for m in mix))
+        err = _rel(y[:, :, h:h + 1].float().cpu().numpy(), ref)
+        _record(test=f"cupy-past-2^31-{causal}", dtype="bf16", error=err, tol=2e-2)
+        assert err <= 2e-2
+        del y

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from functools import lru_cache
 
+from typing import Any, Mapping, Optional
+
 from gmagen.errors import BackendUnavailable, UnknownBackend
 
 from .base import Availability, Backend
@@ -51,10 +53,18 @@ def backend_availability(name: str) -> Availability:
     return loaded.availability()
 
 
-def get_backend(name: str) -> Backend:
-    """The backend object, or UnknownBackend / BackendUnavailable saying why."""
+def get_backend(name: str, options: Optional[Mapping[str, Any]] = None) -> Backend:
+    """The backend object, or UnknownBackend / BackendUnavailable saying why.
+
+    A backend that cannot run here may still generate and compile code for a
+    device named in ``options`` (cupy with ``arch="sm_90"`` on a machine without a
+    GPU): its ``lowering_availability(options)`` says so."""
     avail = backend_availability(name)
     if not avail:
+        loaded = _load(name)
+        lowering = getattr(loaded, "lowering_availability", None)
+        if options is not None and lowering is not None and lowering(options):
+            return loaded  # type: ignore[return-value]
         raise BackendUnavailable(f"backend {name!r} cannot run here: {avail.reason}")
     return _load(name)  # type: ignore[return-value]
 

@@ -54,7 +54,7 @@ def compile(program: Program, backend: str = "numpy", *,
         raise OptionError(f"compile: program must be a gmagen Program (e.g. gmagen.gma()), "
                           f"got {type(program).__name__}")
     name = _pick_auto() if backend == "auto" else backend
-    be = get_backend(name)
+    be = get_backend(name, options)  # options may allow compile-only (cupy arch="sm_90")
     opts = be.check_options(options)
     cfg: Any
     plan = plan_program(program)

@@ -31,8 +31,6 @@ def _probe() -> tuple[bool, str, bool]:
         return False, (f"cupy with NVRTC is not usable ({type(exc).__name__}: {exc}); "
                        f"pip install 'gmagen[cupy]'"), False
     try:
-        import cupy
-
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
         return True, f"no CUDA device ({type(exc).__name__}: {exc})", False

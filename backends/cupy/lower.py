@@ -15,7 +15,7 @@ launches on the caller's stream.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 from gmagen.config import Config
 from gmagen.errors import UnsupportedFeature

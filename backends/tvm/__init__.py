@@ -45,7 +45,10 @@ def _probe() -> tuple[bool, str]:
         return False, (f"apache-tvm {version} is too old; the tvm backend needs "
                        f">= {'.'.join(map(str, MIN_TVM))} (tvm.tirx, tvm.s_tir)")
     try:
-        from tvm import s_tir, te  # noqa: F401
+        import importlib
+
+        for module in ("tvm.te", "tvm.s_tir", "tvm.tirx"):
+            importlib.import_module(module)
     except ImportError as exc:
         return False, f"apache-tvm {version} lacks te / s_tir: {exc}"
     return True, ""

@@ -13,8 +13,9 @@ from tvm import te
 from .prelude import Graph
 
 
-def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> Graph:
-    g = Graph("read", layout, dims)
+def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
+         target_kind: str = "llvm") -> Graph:
+    g = Graph("read", layout, dims, target_kind)
     op = kernel.main
     K, Dv = dims["K"], dims["Dv"]
     eps = float(op.eps)
@@ -24,7 +25,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> 
     if op.norm == "slot":
         num = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: te.sum(
             r[b, h, i, k1] / (n_mem[b, h, k1] + eps) * s_mem[b, h, k1, e], axis=k1), name="num")
-        g.stage(num, 3, 2, "sum_k r_ik / (n_k + eps) S_k  [B, H, N, Dv]")
+        g.stage(num, "bhn", "sum_k r_ik / (n_k + eps) S_k  [B, H, N, Dv]")
 
         def y_of(b, h, i, e):
             return num[b, h, i, e]
@@ -34,16 +35,16 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> 
         k2 = te.reduce_axis((0, K), name="k")
         den = te.compute((g.B, g.H, g.N), lambda b, h, i: te.sum(
             r[b, h, i, k2] * n_mem[b, h, k2], axis=k2), name="den")
-        g.stage(num, 3, 2, "sum_k r_ik S_k  [B, H, N, Dv]")
-        g.stage(den, 3, 2, "sum_k r_ik n_k  [B, H, N]")
+        g.stage(num, "bhn", "sum_k r_ik S_k  [B, H, N, Dv]")
+        g.stage(den, "bhn", "sum_k r_ik n_k  [B, H, N]")
 
         def y_of(b, h, i, e):
             return num[b, h, i, e] / (den[b, h, i] + eps)
     if layout == "bnhd":
         y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
-        g.stage(y, 2, 1, "y in layout bnhd")
+        g.stage(y, "bnh", "y in layout bnhd")
     else:
         y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
-        g.stage(y, 3, 2, "y in layout bhnd")
+        g.stage(y, "bhn", "y in layout bhnd")
     g.output(op.out, y, g.token_shape(Dv))
     return g

@@ -12,17 +12,15 @@ from tvm import te
 from .prelude import Graph
 
 
-def emit(kernel: Any, layout: str, dims: dict[str, int]) -> Graph:
-    g = Graph("responsibility", layout, dims)
+def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm") -> Graph:
+    g = Graph("responsibility", layout, dims, target_kind)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]
     if layout == "bnhd":
         out = te.compute((g.B, g.N, g.H, K), lambda b, n, h, k: r[b, h, n, k], name="R")
-        token = 1
     else:
         out = te.compute((g.B, g.H, g.N, K), lambda b, h, n, k: r[b, h, n, k], name="R")
-        token = 2
-    g.stage(out, token + 1, token, f"R in layout {layout}")
+    g.stage(out, "bnh" if layout == "bnhd" else "bhn", f"R in layout {layout}")
     g.output(op.out, out, g.token_shape(K))
     return g

@@ -22,29 +22,56 @@ from tvm import te, tirx
 
 from .prelude import Graph
 
+GPU_THREADS = 128  # threads per block of the chunk prefix on a GPU
 
-def chunk_prefix(delta: Any, init: Any, name: str) -> Any:
+
+def chunk_prefix(delta: Any, init: Any, name: str, gpu: bool = False) -> Any:
     """out[b, h, c] = init[b, h] + sum_{c' < c} delta[b, h, c'] for delta [B, H, NC, *X]
     (init [B, H, *X], or None for zeros): a te.extern whose body is a sequential
-    loop over chunks, parallel over (b, h)."""
+    loop over chunks; on the CPU parallel over (b, h), on a GPU one thread block
+    per (b, h) and the X elements over its threads."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     shape = delta.shape
     B, H, NC, rest = shape[0], shape[1], shape[2], [int(x) for x in shape[3:]]
+    size = 1
+    for r in rest:
+        size *= r
+    threads = min(size, GPU_THREADS)
+
+    def unravel(flat: Any) -> list:
+        idx = []
+        for r in reversed(rest):
+            idx.append(tirx.indexmod(flat, r))
+            flat = tirx.indexdiv(flat, r)
+        return idx[::-1]
 
     def body(ins: list, outs: list) -> Any:
         with IRBuilder() as ib:
             x = T.buffer_proxy(ins[0])
             s0 = T.buffer_proxy(ins[1]) if init is not None else None
             out = T.buffer_proxy(outs[0])
-            with T.parallel(0, B * H) as bh:
-                b, h = tirx.indexdiv(bh, H), tirx.indexmod(bh, H)
-                with T.grid(*rest) as idx:
-                    idx = list(idx) if isinstance(idx, (list, tuple)) else [idx]
-                    out[(b, h, 0, *idx)] = s0[(b, h, *idx)] if s0 is not None else 0.0
-                    with T.serial(0, NC - 1) as c:
-                        out[(b, h, c + 1, *idx)] = out[(b, h, c, *idx)] + x[(b, h, c, *idx)]
+
+            def scan(b: Any, h: Any, idx: list) -> None:
+                out[(b, h, 0, *idx)] = s0[(b, h, *idx)] if s0 is not None else 0.0
+                with T.serial(0, NC - 1) as c:
+                    out[(b, h, c + 1, *idx)] = out[(b, h, c, *idx)] + x[(b, h, c, *idx)]
+
+            if gpu:
+                with T.thread_binding(0, B * H, thread="blockIdx.x") as bh:
+                    with T.thread_binding(0, threads, thread="threadIdx.x") as tx:
+                        with T.serial(0, (size + threads - 1) // threads) as step:
+                            flat = step * threads + tx
+                            with T.If(flat < size):
+                                with T.Then():
+                                    scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H),
+                                         unravel(flat))
+            else:
+                with T.parallel(0, B * H) as bh:
+                    with T.grid(*rest) as idx:
+                        idx = [idx] if isinstance(idx, tirx.Var) else list(idx)
+                        scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H), idx)
         return ib.get()
 
     inputs = [delta] + ([init] if init is not None else [])
@@ -52,8 +79,8 @@ def chunk_prefix(delta: Any, init: Any, name: str) -> Any:
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         chunk: int) -> Graph:
-    g = Graph("scan", layout, dims)
+         chunk: int, target_kind: str = "llvm") -> Graph:
+    g = Graph("scan", layout, dims, target_kind)
     op = kernel.main
     K, Dv, C = dims["K"], dims["Dv"], chunk
     eps = float(op.eps)
@@ -67,6 +94,12 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     init = op.initial_state if op.initial_state in present else None
     s0, n0 = g.memory(init) if init is not None else (None, None)
 
+    def guard(cond, value):
+        """value where cond holds, else 0 (TE's reduction ``where`` would skip the
+        init of a reduction whose first term is masked; if_then_else reads value
+        only where cond holds)."""
+        return tirx.if_then_else(cond, value, tirx.const(0.0, "float32"))
+
     def chunk_of(i):
         return tirx.indexdiv(i, C)
 
@@ -76,16 +109,17 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     # what each chunk writes
     t1 = te.reduce_axis((0, C), name="t")
     ds = te.compute((B, H, NC, K, Dv), lambda b, h, c, k, e: te.sum(
-        w(b, h, c * C + t1, k) * v(b, c * C + t1, h, e), axis=t1, where=c * C + t1 < N),
+        guard(c * C + t1 < N, w(b, h, c * C + t1, k) * v(b, c * C + t1, h, e)), axis=t1),
         name="dS")
     t2 = te.reduce_axis((0, C), name="t")
     dn = te.compute((B, H, NC, K), lambda b, h, c, k: te.sum(
-        w(b, h, c * C + t2, k), axis=t2, where=c * C + t2 < N), name="dn")
-    g.stage(ds, 3, None, f"dS_c = sum_(j in chunk c) m_j r_jk v_j  [B, H, NC, K, Dv], C = {C}")
-    g.stage(dn, 3, None, "dn_c = sum_(j in chunk c) m_j r_jk  [B, H, NC, K]")
+        guard(c * C + t2 < N, w(b, h, c * C + t2, k)), axis=t2), name="dn")
+    g.stage(ds, "bh", f"dS_c = sum_(j in chunk c) m_j r_jk v_j  [B, H, NC, K, Dv], C = {C}")
+    g.stage(dn, "bh", "dn_c = sum_(j in chunk c) m_j r_jk  [B, H, NC, K]")
     # the state entering each chunk: exclusive prefix over chunks (+ initial state)
-    ps = chunk_prefix(ds, s0, "S_in")
-    pn = chunk_prefix(dn, n0, "n_in")
+    gpu = target_kind != "llvm"
+    ps = chunk_prefix(ds, s0, "S_in", gpu)
+    pn = chunk_prefix(dn, n0, "n_in", gpu)
     g.notes.append("S_in, n_in: " + ("S0 + " if s0 is not None else "")
                    + "exclusive prefix of dS, dn over chunks (te.extern: a sequential loop "
                    "over chunks, parallel over (b, h))")
@@ -99,36 +133,36 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     if op.norm == "slot":
         j0 = te.reduce_axis((0, C), name="j")
         wc = te.compute((B, H, N, K), lambda b, h, i, k: te.sum(
-            w(b, h, chunk_of(i) * C + j0, k), axis=j0, where=j0 <= pos_of(i)), name="w_cum")
-        g.stage(wc, 3, 2, "sum_(j in chunk, j <= i) m_j r_jk  [B, H, N, K]")
+            guard(j0 <= pos_of(i), w(b, h, chunk_of(i) * C + j0, k)), axis=j0), name="w_cum")
+        g.stage(wc, "bhn", "sum_(j in chunk, j <= i) m_j r_jk  [B, H, N, K]")
         qn = te.compute((B, H, N, K), lambda b, h, i, k: rq[b, h, i, k] / (
             n_in(b, h, chunk_of(i), k) + wc[b, h, i, k] + eps), name="q_norm")
-        g.stage(qn, 3, 2, "r_ik / (n_k(i) + eps)  [B, H, N, K]")
+        g.stage(qn, "bhn", "r_ik / (n_k(i) + eps)  [B, H, N, K]")
     else:
         qn = rq
     kk = te.reduce_axis((0, K), name="k")
     a = te.compute((B, H, N, C), lambda b, h, i, j: te.sum(
-        qn[b, h, i, kk] * w(b, h, chunk_of(i) * C + j, kk), axis=kk, where=j <= pos_of(i)),
+        guard(j <= pos_of(i), qn[b, h, i, kk] * w(b, h, chunk_of(i) * C + j, kk)), axis=kk),
         name="A")
-    g.stage(a, 3, 2, "A_ij = q_i . m_j r_j, j in chunk, j <= i  [B, H, N, C]")
+    g.stage(a, "bhn", "A_ij = q_i . m_j r_j, j in chunk, j <= i  [B, H, N, C]")
     j1 = te.reduce_axis((0, C), name="j")
     intra = te.compute((B, H, N, Dv), lambda b, h, i, e: te.sum(
-        a[b, h, i, j1] * v(b, chunk_of(i) * C + j1, h, e), axis=j1, where=j1 <= pos_of(i)),
+        guard(j1 <= pos_of(i), a[b, h, i, j1] * v(b, chunk_of(i) * C + j1, h, e)), axis=j1),
         name="y_intra")
     k1 = te.reduce_axis((0, K), name="k")
     inter = te.compute((B, H, N, Dv), lambda b, h, i, e: te.sum(
         qn[b, h, i, k1] * s_in(b, h, chunk_of(i), k1, e), axis=k1), name="y_inter")
-    g.stage(intra, 3, 2, "sum_(j in chunk, j <= i) A_ij v_j  [B, H, N, Dv]")
-    g.stage(inter, 3, 2, "q_i . S_in(chunk of i)  [B, H, N, Dv]")
+    g.stage(intra, "bhn", "sum_(j in chunk, j <= i) A_ij v_j  [B, H, N, Dv]")
+    g.stage(inter, "bhn", "q_i . S_in(chunk of i)  [B, H, N, Dv]")
     if op.norm == "row":
         j2 = te.reduce_axis((0, C), name="j")
         k2 = te.reduce_axis((0, K), name="k")
-        den_intra = te.compute((B, H, N), lambda b, h, i: te.sum(
-            a[b, h, i, j2], axis=j2, where=j2 <= pos_of(i)), name="den_intra")
+        den_intra = te.compute((B, H, N), lambda b, h, i: te.sum(a[b, h, i, j2], axis=j2),
+                               name="den_intra")  # A_ij = 0 for j > i
         den_inter = te.compute((B, H, N), lambda b, h, i: te.sum(
             qn[b, h, i, k2] * n_in(b, h, chunk_of(i), k2), axis=k2), name="den_inter")
-        g.stage(den_intra, 3, 2, "sum_j A_ij  [B, H, N]")
-        g.stage(den_inter, 3, 2, "q_i . n_in(chunk of i)  [B, H, N]")
+        g.stage(den_intra, "bhn", "sum_j A_ij  [B, H, N]")
+        g.stage(den_inter, "bhn", "q_i . n_in(chunk of i)  [B, H, N]")
 
         def y_of(b, h, i, e):
             return (intra[b, h, i, e] + inter[b, h, i, e]) / (
@@ -138,17 +172,17 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
             return intra[b, h, i, e] + inter[b, h, i, e]
     if layout == "bnhd":
         y = te.compute((B, N, H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
-        g.stage(y, 2, 1, "y in layout bnhd")
+        g.stage(y, "bnh", "y in layout bnhd")
     else:
         y = te.compute((B, H, N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
-        g.stage(y, 3, 2, "y in layout bhnd")
+        g.stage(y, "bhn", "y in layout bhnd")
     # the state after the last token
     s_end = te.compute((B, H, K, Dv), lambda b, h, k, e: s_in(b, h, NC - 1, k, e)
                        + ds[b, h, NC - 1, k, e], name="S_final")
     n_end = te.compute((B, H, K), lambda b, h, k: n_in(b, h, NC - 1, k) + dn[b, h, NC - 1, k],
                        name="n_final")
-    g.stage(s_end, 2, None, "final state S [B, H, K, Dv]")
-    g.stage(n_end, 2, None, "final state n [B, H, K]")
+    g.stage(s_end, "bh", "final state S [B, H, K, Dv]")
+    g.stage(n_end, "bh", "final state n [B, H, K]")
     g.output(op.out, y, g.token_shape(Dv))
     g.output(op.state_out, s_end, ("B", "H", K, Dv), "S")
     g.output(op.state_out, n_end, ("B", "H", K), "n")

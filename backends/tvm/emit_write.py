@@ -12,8 +12,9 @@ from tvm import te
 from .prelude import Graph
 
 
-def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> Graph:
-    g = Graph("write", layout, dims)
+def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
+         target_kind: str = "llvm") -> Graph:
+    g = Graph("write", layout, dims, target_kind)
     op = kernel.main
     K, Dv = dims["K"], dims["Dv"]
     r = g.r_operand(kernel, "r", "k")
@@ -26,8 +27,8 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset) -> 
                        name="S")
     j2 = te.reduce_axis((0, g.N), name="j")
     n_mem = te.compute((g.B, g.H, K), lambda b, h, k: te.sum(w(b, h, j2, k), axis=j2), name="n")
-    g.stage(s_mem, 3, None, "S = sum_j m_j r_jk v_j  [B, H, K, Dv]")
-    g.stage(n_mem, 3, None, "n = sum_j m_j r_jk  [B, H, K]")
+    g.stage(s_mem, "bh", "S = sum_j m_j r_jk v_j  [B, H, K, Dv]")
+    g.stage(n_mem, "bh", "n = sum_j m_j r_jk  [B, H, K]")
     g.output(op.out, s_mem, ("B", "H", K, Dv), "S")
     g.output(op.out, n_mem, ("B", "H", K), "n")
     return g

@@ -27,14 +27,41 @@ FUNC_NAME = "main"
 
 
 def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozenset,
-          config: Config) -> Graph:
+          config: Config, target_kind: str = "llvm") -> Graph:
     if kernel.kind == "responsibility":
-        return emit_responsibility.emit(kernel, layout, dims)
+        return emit_responsibility.emit(kernel, layout, dims, target_kind)
     if kernel.kind == "write":
-        return emit_write.emit(kernel, layout, dims, present)
+        return emit_write.emit(kernel, layout, dims, present, target_kind)
     if kernel.kind == "read":
-        return emit_read.emit(kernel, layout, dims, present)
-    return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]))
+        return emit_read.emit(kernel, layout, dims, present, target_kind)
+    return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind)
+
+
+def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
+                     present: frozenset, config: Config, target_kind: str = "llvm"
+                     ) -> tuple[Graph, Any, str]:
+    """(graph, scheduled IRModule with one function FUNC_NAME, schedule trace)."""
+    import tvm
+    from tvm import te
+
+    from .schedule import schedule
+
+    graph = _emit(kernel, layout, dims, present, config, target_kind)
+    func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
+    sch = schedule(graph, func, config, target_kind)
+    return graph, tvm.IRModule({FUNC_NAME: sch.mod["main"]}), str(sch.trace)
+
+
+def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozenset,
+                config: Config, arch: str = "sm_90") -> str:
+    """Build ``kernel`` for {"kind": "cuda", "arch": arch} (no GPU needed) and return
+    the generated CUDA source.  A first step of the cuda target (issue 7): the
+    GPU schedule is untuned and nothing runs it yet."""
+    import tvm
+
+    _, mod, _ = scheduled_module(kernel, layout, dims, present, space.validate(config), "cuda")
+    lib = tvm.compile(mod, target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    return "\n".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
 
 
 class TVMExecutable(Executable):
@@ -66,16 +93,8 @@ class TVMExecutable(Executable):
 
     # -- code generation ---------------------------------------------------
     def _make(self) -> tuple:
-        import tvm
-        from tvm import te
-
-        from .schedule import schedule
-
-        graph = _emit(self.kernel, self.layout, self.dims, self.present, self.config)
-        func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
-        sch = schedule(graph, func, self.config, TARGETS[self.target]["kind"])
-        mod = tvm.IRModule({FUNC_NAME: sch.mod["main"]})
-        trace = str(sch.trace)
+        graph, mod, trace = scheduled_module(self.kernel, self.layout, self.dims, self.present,
+                                             self.config, TARGETS[self.target]["kind"])
 
         def source_of(built_mod: Any) -> str:
             return self._source(graph, trace, built_mod)

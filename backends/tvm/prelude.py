@@ -38,12 +38,11 @@ class Param:
 
 @dataclass(frozen=True)
 class Stage:
-    """A loop nest to schedule: ``parallel`` leading loops fused into the parallel
-    loop, of which loop ``token`` (if any) is split into tiles of block_n."""
+    """A loop nest to schedule; ``loops`` names its leading loops: "bhn" (batch,
+    head, token), "bnh" (a result in layout bnhd) or "bh" (no token loop)."""
 
     name: str
-    parallel: int
-    token: Optional[int] = None
+    loops: str
 
 
 @dataclass
@@ -53,6 +52,7 @@ class Graph:
     kind: str
     layout: str
     dims: dict[str, int]
+    target_kind: str = "llvm"
     B: Any = field(default_factory=lambda: te.var("B"))
     N: Any = field(default_factory=lambda: te.var("N"))
     H: Any = field(default_factory=lambda: te.var("H"))
@@ -102,9 +102,8 @@ class Graph:
     def output(self, name: str, tensor: Any, shape: tuple[Dim, ...], part: str = "") -> None:
         self.outputs.append(Param(name, part, tensor, shape, F32))
 
-    def stage(self, tensor: Any, parallel: int, token: Optional[int] = None,
-              note: str = "") -> Any:
-        self.stages.append(Stage(tensor.op.name, parallel, token))
+    def stage(self, tensor: Any, loops: str, note: str = "") -> Any:
+        self.stages.append(Stage(tensor.op.name, loops))
         if note:
             self.notes.append(f"{tensor.op.name}: {note}")
         return tensor
@@ -175,7 +174,7 @@ class Graph:
             diff = x(b, n, h, d) - mean[h, k, d]
             return te.sum(diff * diff * prec(h, k, d), axis=d)
 
-        maha = self.stage(te.compute((B, H, N, K), sq_dist, name=f"{tag}_maha"), 3, 2,
+        maha = self.stage(te.compute((B, H, N, K), sq_dist, name=f"{tag}_maha"), "bhn",
                           "sum_d (x - mu)^2 exp(-rho)  [B, H, N, K]")
 
         def logits(b, h, n, k):
@@ -184,16 +183,16 @@ class Graph:
         k1 = te.reduce_axis((0, K), name="k")
         row_max = self.stage(te.compute((B, H, N), lambda b, h, n: te.max(logits(b, h, n, k1),
                                                                          axis=k1),
-                                        name=f"{tag}_max"), 3, 2, "max_k l  [B, H, N]")
+                                        name=f"{tag}_max"), "bhn", "max_k l  [B, H, N]")
         k2 = te.reduce_axis((0, K), name="k")
         row_sum = self.stage(te.compute(
             (B, H, N), lambda b, h, n: te.sum(te.exp(logits(b, h, n, k2) - row_max[b, h, n]),
-                                              axis=k2), name=f"{tag}_sum"), 3, 2,
+                                              axis=k2), name=f"{tag}_sum"), "bhn",
             "sum_k exp(l - max)  [B, H, N]")
         r = te.compute((B, H, N, K), lambda b, h, n, k: te.exp(logits(b, h, n, k)
                                                                - row_max[b, h, n])
                        / row_sum[b, h, n], name=f"{tag}_r")
-        return self.stage(r, 3, 2, "exp(l - max) / sum  [B, H, N, K]")
+        return self.stage(r, "bhn", "exp(l - max) / sum  [B, H, N, K]")
 
     def r_operand(self, kernel: Any, field_name: str, tag: str) -> Any:
         """The main op's responsibility operand as [B, H, N, K]: computed by the fused
@@ -205,7 +204,7 @@ class Graph:
         get = self.tokens(getattr(kernel.main, field_name), K)
         return self.stage(te.compute((self.B, self.H, self.N, K),
                                      lambda b, h, n, k: get(b, n, h, k), name=f"{tag}_r"),
-                          3, 2, "responsibilities read from an input")
+                          "bhn", "responsibilities read from an input")
 
     def weights(self, r: Any, mask: Optional[Callable], tag: str) -> Callable[..., Any]:
         """m_j r_jk as an accessor (b, h, n, k) (oracle._weights): masked keys write nothing."""

@@ -19,8 +19,10 @@ KNOBS = {
                "(b, h) pairs run in parallel)",
     "chunk": "tokens per causal chunk C, a positive int (masked C x C products inside a "
              "chunk, a K x Dv state carried across chunks)",
+    "num_threads": "threads per thread block of the cuda schedule (built, not run yet), "
+                   "a positive int",
 }
-DEFAULTS = Config(block_n=32, chunk=32)
+DEFAULTS = Config(block_n=32, chunk=32, num_threads=128)
 
 
 def default_config(kind: str) -> Config:

@@ -208,8 +208,9 @@ def test_responsibilities(cov, layout):
     arrs = _inputs(rng, B, N, H, D, D, K, cov, "f32")
     x = arrs[0] if layout == "bnhd" else np.ascontiguousarray(arrs[0].transpose(0, 2, 1, 3))
     ref = gmagen.responsibilities(x, *arrs[3:], layout=layout)
-    r = gmagen.responsibilities(torch.tensor(x, device="cuda"),
-                                *(torch.tensor(a, device="cuda") for a in arrs[3:]),
+    f32 = dict(device="cuda", dtype=torch.float32)  # the inputs are float64, rounded to f32
+    r = gmagen.responsibilities(torch.tensor(x, **f32),
+                                *(torch.tensor(a, **f32) for a in arrs[3:]),
                                 backend="cupy", layout=layout)
     err = _rel(r.cpu().numpy(), ref)
     _record(test=f"cupy-resp-{cov}-{layout}", dtype="f32", error=err, tol=1e-4)

@@ -32,8 +32,8 @@ from gmagen.errors import OptionError
 # re-exported: callers import keys and entries from here too
 from .keys import MAX_REJECTIONS, CacheKey, Entry, Hit, bucket, gpu_slug  # noqa: F401
 
-__all__ = ["AutotuneCache", "CacheKey", "CacheWarning", "Entry", "Hit", "SCHEMA", "bucket",
-           "gpu_slug"]
+__all__ = ["AutotuneCache", "CacheKey", "CacheWarning", "Entry", "Hit", "MAX_REJECTIONS",
+           "SCHEMA", "bucket", "gpu_slug"]
 
 SCHEMA = 1
 # MIGRATIONS[n] turns a schema-n document into a schema-(n+1) one; a schema

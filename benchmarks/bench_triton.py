@@ -115,15 +115,23 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                        floor_ms=io_bytes / bw * 1e3, input_bytes=3 * B * N * H * D * 2)
             kern = gmagen.compile(gmagen.gma(causal=causal), backend="triton")
             fast = gmagen.compile(gmagen.gma(causal=causal), backend="triton", precision="tf32")
+            kernels = {"gmagen-triton": kern, "gmagen-triton-tf32": fast}
+            if "gmagen-cupy" in impls:  # compiled only when asked: NVRTC takes a while
+                try:
+                    kernels["gmagen-cupy"] = gmagen.compile(gmagen.gma(causal=causal),
+                                                            backend="cupy")
+                except gmagen.errors.GMAError as exc:  # e.g. cupy not installed: say so
+                    print(f"  gmagen-cupy: {exc}", flush=True)
             candidates = {
                 "gmagen-triton": lambda q, k, v, m, lv, lg: kern(q, k, v, m, lv, lg),
                 "gmagen-triton-tf32": lambda q, k, v, m, lv, lg: fast(q, k, v, m, lv, lg),
+                "gmagen-cupy": lambda q, k, v, m, lv, lg: kernels["gmagen-cupy"](q, k, v, m, lv, lg),
                 "sdpa-flash": lambda q, k, v, *_: _sdpa(q, k, v, causal),
                 "eager-gma": lambda *a: eager_gma(*a, causal=causal),
                 "compiled-gma": _compiled(causal),
             }
             for impl in impls:
-                if impl not in candidates:
+                if impl not in candidates or (impl.startswith("gmagen") and impl not in kernels):
                     continue
                 if impl == "sdpa-flash" and N > args.sdpa_max_n:
                     continue
@@ -142,7 +150,7 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                     extra = extra_bytes(fn, call_sets[0], B * N * H * D * 2)
                     rec = dict(row, impl=impl, ms=ms_graph if ms_graph is not None else ms_launch,
                                ms_launch=ms_launch, ms_graph=ms_graph, extra_bytes=extra,
-                               config=str(kern.config) if impl.startswith("gmagen") else "")
+                               config=str(kernels[impl].config) if impl in kernels else "")
                 except torch.OutOfMemoryError as exc:
                     rec = dict(row, impl=impl, ms=None, extra_bytes=None, error=f"OOM: {exc}"[:200])
                     torch.cuda.empty_cache()
@@ -206,7 +214,8 @@ def bench_decode(args, bw: float, records: list, base: dict) -> None:
         print(f"decode B={B}: gmagen {ms_graph * 1e3:.1f} us (graph), {ms_eager * 1e3:.1f} us "
               f"(eager launch); eager torch {ms_e * 1e3:.1f} us, graph {ms_eg * 1e3:.1f} us", flush=True)
         for L in args.decode_contexts:
-            kc, vc = (torch.randn(B, H, L, D, device="cuda", dtype=dtype) for _ in range(2))
+            kc = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+            vc = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
             qd = q.transpose(1, 2)
             sdpa = lambda: _sdpa(qd, kc, vc, False)  # noqa: E731
             kv_bytes = 2 * B * H * L * D * 2
@@ -249,8 +258,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    ap.add_argument("--impls", default="gmagen-triton,gmagen-triton-tf32,sdpa-flash,eager-gma,"
-                                       "compiled-gma")
+    ap.add_argument("--impls", default="gmagen-triton,gmagen-triton-tf32,gmagen-cupy,sdpa-flash,"
+                                       "eager-gma,compiled-gma")
     ap.add_argument("--graph-max-n", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sdpa-max-n", type=int, default=65536)

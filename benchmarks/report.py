@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "sdpa-flash", "eager-gma", "compiled-gma", "floor"]
+IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "gmagen-cupy", "sdpa-flash", "eager-gma", "compiled-gma", "floor"]
 
 
 def variants(records: list[dict]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from gmagen.config import Config
 from gmagen.errors import OptionError
@@ -53,6 +53,18 @@ class Backend(ABC):
 
     def default_config(self, kernel: KernelPlan, binding: Any) -> Config:
         return Config()
+
+    # -- autotuning (gmagen.autotune) ---------------------------------------
+    def tuning_device(self, binding: Any) -> Optional[dict[str, Any]]:
+        """What a tuned config depends on besides the problem: {"gpu", "capability",
+        "sm_count", "backend_version"} of the device ``binding`` runs on, or None
+        when configs are not tuned there (the CPU, an interpreter)."""
+        return None
+
+    def validate_config(self, kernel: KernelPlan, config: Config) -> Config:
+        """``config`` if this backend accepts it for ``kernel``, else raise naming
+        the knob (a cached config from an older version is then ignored)."""
+        return config
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         out = {}

@@ -42,17 +42,24 @@ def _pick_auto() -> str:
 
 def compile(program: Program, backend: str = "numpy", *,
             config: Union[None, str, Config, Mapping[str, Any]] = None,
-            **options: Any) -> Kernel:
+            autotune: str = "cached", **options: Any) -> Kernel:
     """Compile ``program`` for ``backend``; returns a callable :class:`Kernel`.
 
     ``backend``: one of ``gmagen.available_backends()`` or "auto" (first GPU
     backend that can run here, else numpy; the pick is ``kernel.backend``).
     ``config``: tile knobs for every kernel of the plan, or a dict from kernel
     name (``"gma_write"``) to knobs; default: the backend's heuristic.
+    ``autotune``: where configs come from when ``config`` is not given:
+    "cached" (default: the user's autotune cache, then the caches shipped with
+    gmagen, else the backend's heuristic; never tunes), "on-miss" (tune the first
+    time a problem is seen, then cache) or "off" (the heuristic).
     ``options``: backend options (e.g. ``precision="tf32"`` for triton)."""
     if not isinstance(program, Program):
         raise OptionError(f"compile: program must be a gmagen Program (e.g. gmagen.gma()), "
                           f"got {type(program).__name__}")
+    from gmagen.autotune import check_mode
+
+    check_mode(autotune)
     name = _pick_auto() if backend == "auto" else backend
     be = get_backend(name, options)  # options may allow compile-only (cupy arch="sm_90")
     opts = be.check_options(options)
@@ -69,7 +76,7 @@ def compile(program: Program, backend: str = "numpy", *,
         cfg = {k: as_config(v) for k, v in config.items()}
     else:
         cfg = as_config(config)
-    return Kernel(program, plan, be, cfg, opts)
+    return Kernel(program, plan, be, cfg, opts, autotune=autotune)
 
 
 @lru_cache(maxsize=64)

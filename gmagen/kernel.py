@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Union
 from gmagen.adapters import checks, dlpack
 from gmagen.backends.base import Backend, Executable
 from gmagen.config import Config
-from gmagen.errors import FrameworkError
+from gmagen.errors import FrameworkError, UnsupportedFeature
 from gmagen.ir.passes.plan import Plan
 from gmagen.ir.program import Program
 from gmagen.ir.types import MemoryType, TensorType
@@ -27,8 +27,10 @@ class Kernel:
     dtypes, D/Dv/K, optional inputs present) is lowered once and cached."""
 
     def __init__(self, program: Program, plan: Plan, backend: Backend,
-                 config: Union[None, Config, Mapping[str, Config]], options: Mapping[str, Any]):
+                 config: Union[None, Config, Mapping[str, Config]], options: Mapping[str, Any],
+                 autotune: str = "cached"):
         self.program = program
+        self.autotune = autotune
         self.plan = plan
         self._backend = backend
         self._user_config = config
@@ -83,10 +85,11 @@ class Kernel:
         be = self._backend
         binding = checks.bind(self.program, named, layout or self.program.layout,
                               be.dtypes, be.devices, be.name)
-        exes = self._compiled.get(binding.key)
+        key = binding.key + self._tuning_buckets(binding)
+        exes = self._compiled.get(key)
         if exes is None:
             exes = self._lower(binding)
-            self._compiled[binding.key] = exes
+            self._compiled[key] = exes
         self._last = exes
         env: dict[str, Any] = {i.name: None for i in self.program.inputs}  # absent optionals
         for name, value in named.items():
@@ -122,10 +125,53 @@ class Kernel:
             return cfg.get(kernel_name)
         return cfg
 
+    def _tuning_buckets(self, binding: checks.Binding) -> tuple:
+        """Where tuned configs may apply, they depend on the N and B*H buckets too."""
+        if self.autotune == "off" or self._user_config is not None or \
+                self._backend.tuning_device(binding) is None:
+            return ()
+        from gmagen.autotune import bucket
+
+        dims = binding.dims
+        return (bucket(dims["N"]), bucket(dims["B"] * dims["H"]))
+
+    def _tuned_config(self, kp: Any, binding: checks.Binding) -> Optional[Config]:
+        """The autotune cache's config for this kernel and specialization (mode
+        ``self.autotune``), or None for the backend's default."""
+        if self.autotune == "off":
+            return None
+        device = self._backend.tuning_device(binding)
+        if device is None:
+            return None
+        from gmagen import autotune
+
+        dims = binding.dims
+        key = autotune.CacheKey.make(
+            backend=self.backend, backend_version=device["backend_version"], gpu=device["gpu"],
+            capability=device["capability"], sm_count=device["sm_count"],
+            program=f"{self.program.hash()}:{kp.name}",
+            dtypes=[f"{k}={binding.dtypes[k]}" for k in sorted(binding.dtypes)],
+            D=dims.get("D", 0), Dv=dims.get("Dv", 0), K=dims.get("K", 0), layout=binding.layout,
+            N=dims["N"], BH=dims["B"] * dims["H"])
+
+        def tune() -> Any:
+            tuner = getattr(self._backend, "tune", None)
+            if tuner is None:
+                raise UnsupportedFeature(
+                    f"autotune='on-miss': backend {self.backend!r} has no tuner in this version "
+                    "of gmagen; use autotune='cached' (tuned configs from the caches) or 'off'")
+            return tuner(kp, binding, self.options)
+
+        sel = autotune.select(key, self.autotune, tune, autotune.default_cache(),
+                              validate=lambda c: self._backend.validate_config(kp, c))
+        log.info("%s: %s config for %s: %s", self.backend, kp.name, key, sel.describe())
+        return sel.config
+
     def _lower(self, binding: checks.Binding) -> list[Executable]:
         exes = []
         for kp in self.plan.kernels:
-            config = self._config_for(kp.name) or self._backend.default_config(kp, binding)
+            config = (self._config_for(kp.name) or self._tuned_config(kp, binding)
+                      or self._backend.default_config(kp, binding))
             exe = self._backend.lower(kp, binding, config, self.options)
             log.info("%s: lowered %s for %s, dtypes %s, dims %s with %s", self.backend, kp.name,
                      dlpack.device_str(binding.device), dict(binding.dtypes),

@@ -7,7 +7,7 @@ interpreter (float32), which is how CI checks them without a GPU.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from gmagen import knobs
 from gmagen.config import Config
@@ -48,6 +48,16 @@ def _probe() -> tuple[bool, str, bool]:
     return True, "", interpret
 
 
+@lru_cache(maxsize=None)
+def _device_info(index: int) -> dict[str, Any]:
+    import torch
+    import triton
+
+    props = torch.cuda.get_device_properties(index)
+    return {"gpu": props.name, "capability": (props.major, props.minor),
+            "sm_count": props.multi_processor_count, "backend_version": triton.__version__}
+
+
 class TritonBackend(Backend):
     name = "triton"
     native = "torch"
@@ -76,6 +86,16 @@ class TritonBackend(Backend):
         dims = binding.dims
         return space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", 64),
                                     dims.get("K", 64), binding.dtypes.get("T", "f32"))
+
+    def tuning_device(self, binding: Any) -> Optional[dict[str, Any]]:
+        if self.interpreted or binding.device[0] != "cuda":
+            return None
+        return _device_info(binding.device[1])
+
+    def validate_config(self, kernel: KernelPlan, config: Config) -> Config:
+        from . import space
+
+        return space.validate(kernel.kind, config)
 
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
               options: Mapping[str, Any]) -> Executable:

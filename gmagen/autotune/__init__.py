@@ -32,7 +32,7 @@ from .strategies import get_strategy, resolve_options, tune
 __all__ = ["AutotuneCache", "CACHED", "CacheKey", "CacheWarning", "Choice", "DeviceLimits",
            "EmptySpaceError", "Entry", "ErrorConfig", "Hit", "IntRange", "MODES", "Measurement",
            "OFF", "ON_MISS", "PowerOfTwo", "PrunedSpace", "Rule", "Runner", "Selection",
-           "Session", "Space", "TuneResult", "bucket", "get_strategy", "gpu_slug", "measure",
+           "Session", "Space", "TuneResult", "bucket", "check_mode", "default_cache", "get_strategy", "gpu_slug", "measure",
            "resolve_options", "select", "select_config", "tune"]
 
 CACHED, ON_MISS, OFF = "cached", "on-miss", "off"
@@ -58,6 +58,20 @@ class Selection:
             return f"{self.config} tuned now: {self.tuned.decision}"
         return {"default": "no cached config: the backend's default",
                 "off": "autotune off: the backend's default"}.get(self.source, self.source)
+
+
+_CACHES: dict[str, AutotuneCache] = {}
+
+
+def default_cache() -> AutotuneCache:
+    """The cache ``gmagen.compile`` consults: the user cache directory of now
+    (GMAGEN_CACHE_DIR is read on each call) and the shipped caches."""
+    from .cache import default_directory
+
+    directory = default_directory()
+    if str(directory) not in _CACHES:
+        _CACHES[str(directory)] = AutotuneCache(directory)
+    return _CACHES[str(directory)]
 
 
 def check_mode(mode: str) -> str:

@@ -94,6 +94,29 @@ def backends() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _autotune_entries() -> list[str]:
+    """What the user and shipped autotune caches hold for each CUDA device here:
+    one line per source, with the number of entries and the backends."""
+    try:
+        import torch
+
+        names = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                 if torch.cuda.is_available() else [])
+    except ImportError:
+        names = []
+    if not names:
+        return ["no CUDA device: configs are tuned per GPU"]
+    from gmagen import autotune
+
+    lines = []
+    for gpu in sorted(set(names)):
+        for source, entries in autotune.default_cache().entries(gpu).items():
+            backends = sorted({k.backend for k in entries})
+            lines.append(f"{gpu} ({source}): {len(entries)} entries"
+                         + (f" ({', '.join(backends)})" if backends else ""))
+    return lines
+
+
 def caches() -> dict[str, Any]:
     from importlib import resources
 
@@ -103,6 +126,7 @@ def caches() -> dict[str, Any]:
     files = sorted(p.name for p in shipped.iterdir() if p.name.endswith(".json"))
     return {"cache_dir": str(knobs.cache_dir()), "autotune_cache (shipped)": str(shipped),
             "shipped autotune files": files,
+            "autotune entries for this GPU": _autotune_entries(),
             "GMAGEN_LOG": knobs.log_level(), "GMAGEN_TRITON_INTERPRET": knobs.triton_interpret(),
             "GMAGEN_SEED": knobs.check_seed()}
 

@@ -1,0 +1,117 @@
+"""gmagen.compile(..., autotune=...) with the Triton backend: cached configs are
+used (exact and nearest bucket), "off" ignores them, "on-miss" without a tuner
+says so, stale or corrupt entries fall back to the heuristic with a warning.
+The GPU is faked: Triton runs in its interpreter and ``tuning_device`` reports
+an H100, so the cache logic is exercised exactly as on the GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmagen
+from gmagen import autotune
+from gmagen.config import Config
+from gmagen.errors import UnsupportedFeature
+
+torch = pytest.importorskip("torch")
+if not gmagen.available_backends()["triton"]:
+    pytest.skip(f"triton: {gmagen.available_backends()['triton'].reason}", allow_module_level=True)
+
+FAKE_GPU = {"gpu": "NVIDIA H100 80GB HBM3", "capability": (9, 0), "sm_count": 132,
+            "backend_version": "3.6.0"}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    from gmagen.backends.triton import TritonBackend
+
+    monkeypatch.setenv("GMAGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(TritonBackend, "tuning_device", lambda self, binding: FAKE_GPU)
+    keys = []
+    original = autotune.select
+
+    def spy(key, *args, **kwargs):
+        keys.append(key)
+        return original(key, *args, **kwargs)
+
+    monkeypatch.setattr(autotune, "select", spy)
+    return keys
+
+
+def _inputs(N=40, B=1, H=2, D=8, K=4):
+    g = torch.Generator().manual_seed(0)
+    tok = [torch.randn(B, N, H, D, generator=g) for _ in range(3)]
+    return tok + [torch.randn(H, K, D, generator=g), torch.zeros(H, K, D), torch.zeros(H, K)]
+
+
+def _entry(**knobs) -> autotune.Entry:
+    return autotune.Entry(Config(knobs), time_ms=1.0, default_time_ms=1.5, noise_ms=0.01,
+                          tried=4, rejected=0)
+
+
+def test_cached_config_is_used_and_off_ignores_it(fake_gpu):
+    args = _inputs()
+    ref = gmagen.compile(gmagen.gma(), "numpy")(*[a.numpy() for a in args])
+    gmagen.compile(gmagen.gma(), "triton")(*args)  # miss: the heuristic; records the keys
+    write_key = next(k for k in fake_gpu if k.program.endswith(":gma_write"))
+    autotune.default_cache().put(write_key, _entry(block_n=16, num_warps=2))
+
+    kern = gmagen.compile(gmagen.gma(), "triton")
+    y = kern(*args)
+    assert kern.config["gma_write"]["block_n"] == 16 and kern.config["gma_write"]["num_warps"] == 2
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5)
+    off = gmagen.compile(gmagen.gma(), "triton", autotune="off")
+    off(*args)
+    assert off.config["gma_write"]["block_n"] != 16
+    # an explicit config wins over the cache
+    mine = gmagen.compile(gmagen.gma(), "triton", config={"gma_write": {"block_n": 32}})
+    mine(*args)
+    assert mine.config["gma_write"]["block_n"] == 32
+
+
+def test_nearest_bucket_serves_another_length(fake_gpu):
+    gmagen.compile(gmagen.gma(), "triton")(*_inputs(N=40))
+    key = next(k for k in fake_gpu if k.program.endswith(":gma_write"))
+    autotune.default_cache().put(key, _entry(block_n=16))
+    kern = gmagen.compile(gmagen.gma(), "triton")
+    kern(*_inputs(N=200))  # another N bucket: the nearest one is used
+    assert kern.config["gma_write"]["block_n"] == 16
+    for other in fake_gpu[:2]:  # this program's two kernels at N=40 (write, read)
+        if other != key:
+            autotune.default_cache().put(other, _entry(block_n=32))
+    exact = gmagen.compile(gmagen.gma(), "triton", autotune="on-miss")
+    exact(*_inputs(N=40))  # on-miss with exact hits for every kernel: no tuning needed
+    assert exact.config["gma_write"]["block_n"] == 16
+    assert exact.config["gma_read"]["block_n"] == 32
+
+
+def test_on_miss_without_a_tuner_says_so(fake_gpu):
+    with pytest.raises(UnsupportedFeature, match="on-miss.*no tuner"):
+        gmagen.compile(gmagen.gma(), "triton", autotune="on-miss")(*_inputs())
+
+
+def test_stale_and_corrupt_caches_fall_back_to_the_heuristic(fake_gpu, tmp_path):
+    args = _inputs()
+    gmagen.compile(gmagen.gma(), "triton")(*args)
+    key = next(k for k in fake_gpu if k.program.endswith(":gma_write"))
+    autotune.default_cache().put(key, _entry(block_n=16, no_such_knob=3))  # stale
+    kern = gmagen.compile(gmagen.gma(), "triton")
+    kern(*args)
+    assert kern.config["gma_write"]["block_n"] != 16
+    for f in (tmp_path / "autotune").glob("*.json"):
+        f.write_text("{ truncated")
+    autotune._CACHES.clear()  # a fresh process reads the file again
+    with pytest.warns(autotune.CacheWarning):
+        kern = gmagen.compile(gmagen.gma(), "triton")
+        kern(*args)
+    assert kern.config["gma_write"]["block_n"] != 16
+
+
+def test_no_gpu_no_lookup(monkeypatch, tmp_path):
+    # the interpreter: tuning_device is None, the cache is never read
+    monkeypatch.setenv("GMAGEN_CACHE_DIR", str(tmp_path))
+    called = []
+    monkeypatch.setattr(autotune, "select", lambda *a, **k: called.append(1))
+    gmagen.compile(gmagen.gma(), "triton")(*_inputs())
+    assert not called

@@ -61,6 +61,10 @@ class Backend(ABC):
         when configs are not tuned there (the CPU, an interpreter)."""
         return None
 
+    # A backend that can tune also defines
+    #   tune(program, plan, kernel, binding, options) -> gmagen.autotune.TuneResult
+    # (used by autotune="on-miss" and gmagen.tune); without it on-miss raises.
+
     def validate_config(self, kernel: KernelPlan, config: Config) -> Config:
         """``config`` if this backend accepts it for ``kernel``, else raise naming
         the knob (a cached config from an older version is then ignored)."""

@@ -8,8 +8,9 @@ from .compile import available_backends, compile, responsibilities
 from .config import Config
 from .dsl import ProgramBuilder, gma
 from .errors import GMAError
+from .tune import tune
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "GMAError", "ProgramBuilder", "__version__", "available_backends",
-           "compile", "errors", "gma", "responsibilities"]
+           "compile", "errors", "gma", "responsibilities", "tune"]

@@ -135,6 +135,26 @@ class Kernel:
         dims = binding.dims
         return (bucket(dims["N"]), bucket(dims["B"] * dims["H"]))
 
+    def tuning_key(self, kp: Any, binding: checks.Binding, device: Mapping[str, Any]) -> Any:
+        """The autotune cache key of kernel plan ``kp`` for this specialization on
+        ``device`` (the backend's ``tuning_device``): shared with gmagen.tune."""
+        from gmagen import autotune
+
+        dims = binding.dims
+        return autotune.CacheKey.make(
+            backend=self.backend, backend_version=device["backend_version"], gpu=device["gpu"],
+            capability=device["capability"], sm_count=device["sm_count"],
+            program=f"{self.program.hash()}:{kp.name}",
+            dtypes=[f"{k}={binding.dtypes[k]}" for k in sorted(binding.dtypes)],
+            D=dims.get("D", 0), Dv=dims.get("Dv", 0), K=dims.get("K", 0), layout=binding.layout,
+            N=dims["N"], BH=dims["B"] * dims["H"])
+
+    def binding_for(self, args: tuple, kwargs: dict, layout: Optional[str] = None) -> Any:
+        """The specialization a call with these arguments would compile for."""
+        be = self._backend
+        return checks.bind(self.program, self._collect(args, kwargs), layout or self.program.layout,
+                           be.dtypes, be.devices, be.name)
+
     def _tuned_config(self, kp: Any, binding: checks.Binding) -> Optional[Config]:
         """The autotune cache's config for this kernel and specialization (mode
         ``self.autotune``), or None for the backend's default."""
@@ -145,14 +165,7 @@ class Kernel:
             return None
         from gmagen import autotune
 
-        dims = binding.dims
-        key = autotune.CacheKey.make(
-            backend=self.backend, backend_version=device["backend_version"], gpu=device["gpu"],
-            capability=device["capability"], sm_count=device["sm_count"],
-            program=f"{self.program.hash()}:{kp.name}",
-            dtypes=[f"{k}={binding.dtypes[k]}" for k in sorted(binding.dtypes)],
-            D=dims.get("D", 0), Dv=dims.get("Dv", 0), K=dims.get("K", 0), layout=binding.layout,
-            N=dims["N"], BH=dims["B"] * dims["H"])
+        key = self.tuning_key(kp, binding, device)
 
         def tune() -> Any:
             tuner = getattr(self._backend, "tune", None)
@@ -160,7 +173,7 @@ class Kernel:
                 raise UnsupportedFeature(
                     f"autotune='on-miss': backend {self.backend!r} has no tuner in this version "
                     "of gmagen; use autotune='cached' (tuned configs from the caches) or 'off'")
-            return tuner(kp, binding, self.options)
+            return tuner(self.program, self.plan, kp, binding, self.options)
 
         sel = autotune.select(key, self.autotune, tune, autotune.default_cache(),
                               validate=lambda c: self._backend.validate_config(kp, c))

@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd]     (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune]     (OUT defaults to ./gpu_out)
 #
 # Through the device tool: run(command="bash scripts/gpu_run.sh all").
 set -uo pipefail
@@ -45,6 +45,15 @@ fi
 if [[ "$mode" == all || "$mode" == train ]]; then
   timeout "${TRAIN_TIMEOUT:-300}" $PY benchmarks/bench_training.py --out "$OUT/bench_training.json" \
       ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/bench_training.log" | tail -40
+fi
+if [[ "$mode" == tune ]]; then
+  # the benchmark grid, both programs; the entries land in $OUT/autotune_<gpu>.json
+  export GMAGEN_CACHE_DIR="$OUT/cache"
+  timeout "${TUNE_TIMEOUT:-280}" $PY -m gmagen.cli.main tune --budget "${TUNE_BUDGET:-20}" \
+      2>&1 | tee -a "$OUT/tune.log" | tail -12
+  # the causal program; --export writes every entry of this GPU (both programs)
+  timeout "${TUNE_TIMEOUT:-280}" $PY -m gmagen.cli.main tune --causal --budget "${TUNE_BUDGET:-20}" \
+      --export "$OUT/autotune_export.json" 2>&1 | tee -a "$OUT/tune.log" | tail -12
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

@@ -97,6 +97,22 @@ class TritonBackend(Backend):
 
         return space.validate(kernel.kind, config)
 
+    def tune(self, program: Any, plan: Any, kernel: KernelPlan, binding: Any,
+             options: Mapping[str, Any], strategy: str = "auto",
+             tune_options: Optional[Mapping[str, Any]] = None, space: Any = None) -> Any:
+        """Tune ``kernel`` for this specialization (gmagen.autotune's loop over
+        tune.TritonRunner); returns a TuneResult."""
+        from gmagen import autotune
+
+        from .tune import TritonRunner, tuning_space
+
+        runner = TritonRunner(self, program, plan, kernel, binding, options)
+        dims = binding.dims
+        if space is None:
+            space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
+                                 dims.get("Dv", 64), dims.get("K", 64))
+        return autotune.tune(space, runner, strategy, tune_options)
+
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
               options: Mapping[str, Any]) -> Executable:
         from . import space

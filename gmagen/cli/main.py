@@ -1,4 +1,4 @@
-"""``gmagen <verb>``: check, show, info (``gmagen <verb> --help`` for each)."""
+"""``gmagen <verb>``: check, show, info, tune (``gmagen <verb> --help`` for each)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 
 from gmagen.errors import GMAError
 
-from . import check, info, show
+from . import check, info, show, tune
 
-VERBS = (check, show, info)
+VERBS = (check, show, info, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,9 +86,40 @@ def test_nearest_bucket_serves_another_length(fake_gpu):
     assert exact.config["gma_read"]["block_n"] == 32
 
 
-def test_on_miss_without_a_tuner_says_so(fake_gpu):
+def test_on_miss_without_a_tuner_says_so(fake_gpu, monkeypatch):
+    from gmagen.backends.triton import TritonBackend
+
+    monkeypatch.delattr(TritonBackend, "tune")
     with pytest.raises(UnsupportedFeature, match="on-miss.*no tuner"):
         gmagen.compile(gmagen.gma(), "triton", autotune="on-miss")(*_inputs())
+
+
+def test_on_miss_tunes_once_then_hits(fake_gpu, monkeypatch):
+    from gmagen.autotune import Choice, Space
+    from gmagen.backends.triton import TritonBackend
+
+    calls = []
+    original = TritonBackend.tune
+
+    def small(self, program, plan, kernel, binding, options):
+        calls.append(kernel.name)  # a two-config space keeps the interpreter quick
+        return original(self, program, plan, kernel, binding, options, "exhaustive",
+                        {"repeats": 2, "final_repeats": 3, "finalists": 2},
+                        Space({"block_n": Choice([16, 32])}))
+
+    monkeypatch.setattr(TritonBackend, "tune", small)
+    args = _inputs()
+    ref = gmagen.compile(gmagen.gma(), "numpy")(*[a.numpy() for a in args])
+    y = gmagen.compile(gmagen.gma(), "triton", autotune="on-miss")(*args)
+    assert sorted(calls) == ["gma_read", "gma_write"]
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-5)
+    again = gmagen.compile(gmagen.gma(), "triton", autotune="on-miss")
+    again(*args)  # a new Kernel (as in a new process): served from the cache
+    assert sorted(calls) == ["gma_read", "gma_write"]
+    # the stored winner (a candidate, or the default kept within noise) is what it uses
+    key = next(k for k in fake_gpu if k.program.endswith(":gma_write"))
+    stored = autotune.default_cache().get(key, nearest=False).config
+    assert all(again.config["gma_write"][knob] == value for knob, value in stored.items())
 
 
 def test_stale_and_corrupt_caches_fall_back_to_the_heuristic(fake_gpu, tmp_path):
@@ -115,3 +146,55 @@ def test_no_gpu_no_lookup(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "select", lambda *a, **k: called.append(1))
     gmagen.compile(gmagen.gma(), "triton")(*_inputs())
     assert not called
+
+
+def test_triton_tuner_in_the_interpreter(fake_gpu):
+    """The Triton runner end to end (wall-clock samples in the interpreter): a tiny
+    space, every candidate checked against the default's output, the winner stored
+    and served to the next compile; a wrong config is rejected."""
+    from gmagen.autotune import Choice, Space
+    from gmagen.backends.triton import BACKEND
+    from gmagen.backends.triton.tune import TritonRunner
+
+    program = gmagen.gma()
+    kern = gmagen.compile(program, "triton")
+    args = _inputs()
+    kern(*args)
+    write = kern.plan.kernels[0]
+    bind = gmagen.adapters.checks.bind(program, kern._collect(tuple(args), {}), program.layout,
+                                       BACKEND.dtypes, BACKEND.devices, "triton")
+    space = Space({"block_n": Choice([16, 32]), "num_warps": Choice([2, 4])})
+    opts = {"budget_s": 60, "repeats": 2, "final_repeats": 3, "finalists": 2}
+    result = BACKEND.tune(program, kern.plan, write, bind, {}, "exhaustive", opts, space)
+    assert result.tried >= 4 and not result.rejected  # the 4 candidates (+ the default)
+    assert result.best["block_n"] in (16, 32, 64)  # 64: the default, kept within noise
+
+    runner = TritonRunner(BACKEND, program, kern.plan, kern.plan.kernels[1], bind, {})
+    ref = runner.run(runner.compile(Config()))
+    wrong = {k: tuple(x * 1.01 for x in v) for k, v in ref.items()}
+    assert runner.check(ref, ref) is None and "differs" in runner.check(wrong, ref)
+
+
+def test_gmagen_tune_stores_what_compile_uses(fake_gpu, monkeypatch):
+    from gmagen.autotune import Choice, Space
+    from gmagen.backends.triton import TritonBackend
+
+    original = TritonBackend.tune
+
+    def small(self, program, plan, kernel, binding, options, strategy="auto", tune_options=None):
+        return original(self, program, plan, kernel, binding, options, "exhaustive",
+                        {"repeats": 2, "final_repeats": 3, "finalists": 2, **(tune_options or {})},
+                        Space({"num_warps": Choice([2, 4])}))
+
+    monkeypatch.setattr(TritonBackend, "tune", small)
+    seen = []
+    rows = gmagen.tune(gmagen.gma(causal=True), [dict(B=1, N=40, H=2, D=8, Dv=8, K=4)],
+                       "triton", dtype="f32", budget_s=20, progress=seen.append)
+    assert [r.kernel for r in rows] == [kp.name for kp in
+                                        gmagen.compile(gmagen.gma(causal=True), "triton").plan.kernels]
+    assert seen == rows and all(r.result.tried >= 2 for r in rows)
+    kern = gmagen.compile(gmagen.gma(causal=True), "triton")
+    kern(*_inputs(N=40))
+    for r in rows:  # one plan: kernel.config is that plan's Config
+        cfg = kern.config if len(rows) == 1 else kern.config[r.kernel]
+        assert cfg["num_warps"] == r.result.best["num_warps"]

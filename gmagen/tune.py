@@ -1,0 +1,85 @@
+"""``gmagen.tune``: tune a program's kernels for given shapes and store the winners
+in the autotune cache, where ``gmagen.compile(..., autotune="cached")`` finds them.
+
+Inputs are the tuner's own random tensors (the backend's runner), never the
+caller's.  One result per (shape, kernel plan): the default and the tuned time,
+the chosen config, how many candidates were tried and rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+from gmagen.errors import OptionError, UnsupportedFeature
+from gmagen.ir.program import Program
+
+SHAPE_KEYS = ("B", "N", "H", "D", "Dv", "K")
+
+
+@dataclass(frozen=True)
+class TuneRow:
+    """One tuned kernel plan at one shape."""
+
+    shape: Mapping[str, int]
+    kernel: str
+    key: Any                # gmagen.autotune.CacheKey
+    result: Any             # gmagen.autotune.TuneResult
+    seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.result.default_time.median_ms / self.result.best_time.median_ms
+
+
+def _example_args(program: Program, shape: Mapping[str, int], dtype: str, device: str) -> tuple:
+    """Arguments of the shape (torch, on ``device``) that pick the specialization."""
+    import torch
+
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    B, N, H, D, Dv, K = (int(shape[k]) for k in SHAPE_KEYS)
+    tok = [torch.zeros(B, N, H, d, dtype=dt, device=device) for d in (D, D, Dv)]
+    return tuple(tok) + (torch.zeros(H, K, D, device=device), torch.zeros(H, K, D, device=device),
+                         torch.zeros(H, K, device=device))
+
+
+def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "triton", *,
+         dtype: str = "bf16", strategy: str = "auto", budget_s: float = 30.0,
+         device: Optional[str] = None, options: Optional[Mapping[str, Any]] = None,
+         progress: Any = None) -> list[TuneRow]:
+    """Tune every kernel plan of ``program`` (written with gmagen.gma's inputs) for
+    each shape ({"B", "N", "H", "D", "Dv", "K"}) and store the results.
+    ``budget_s`` is per kernel plan and shape; ``progress(row)`` is called after each."""
+    import gmagen
+    from gmagen import autotune
+
+    for shape in shapes:
+        missing = [k for k in SHAPE_KEYS if k not in shape]
+        if missing:
+            raise OptionError(f"tune: shape {dict(shape)} lacks {missing}; expected keys "
+                              f"{', '.join(SHAPE_KEYS)}")
+    kern = gmagen.compile(program, backend, autotune="off", **(options or {}))
+    be = kern._backend
+    tuner = getattr(be, "tune", None)
+    if tuner is None:
+        raise UnsupportedFeature(f"tune: backend {backend!r} has no tuner in this version")
+    dev = device or ("cuda" if "cuda" in be.devices else be.devices[0])
+    rows = []
+    for shape in shapes:
+        binding = kern.binding_for(_example_args(program, shape, dtype, dev), {})
+        info = be.tuning_device(binding)
+        if info is None:
+            raise UnsupportedFeature(f"tune: backend {backend!r} does not tune on {dev} "
+                                     "(configs are tuned per GPU)")
+        for kp in kern.plan.kernels:
+            t0 = time.monotonic()
+            result = tuner(program, kern.plan, kp, binding, kern.options, strategy,
+                           {"budget_s": budget_s})
+            key = kern.tuning_key(kp, binding, info)
+            autotune.default_cache().put(key, result.to_entry())
+            row = TuneRow(dict(shape), kp.name, key, result, time.monotonic() - t0)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows

@@ -1,6 +1,6 @@
 """TVM backend: GMA's kernel plans lowered to TVM tensor expressions (TE) and
 TensorIR, scheduled from the config, built with TVM (``gmagen.compile(p, "tvm",
-target="llvm")``).
+target="llvm" | "cuda")``).
 
 Each plan kind has an emitter (``emit_<kind>.py``) that writes the plan's ops as
 TE compute definitions, with the variant (norm, covariance, key mask, initial
@@ -9,8 +9,14 @@ state, layout, eps) as parameters; ``schedule.py`` turns the config into an
 with ``tvm.compile`` and keeps built modules in memory per specialization.
 
 Target "llvm" runs on the CPU in float32 (arrays exchanged with NumPy through
-DLPack, no copy when they are contiguous and 64-byte aligned).  TVM is imported
-when the backend is probed or lowered, never with this module.
+DLPack, no copy when they are contiguous and 64-byte aligned).  Target "cuda"
+(``target="cuda"``: the arch of the CUDA device, which must exist; or
+``target={"kind": "cuda", "arch": "sm_90"}`` / ``arch="sm_90"``: any machine)
+takes float32, float16 or bfloat16 tokens (float32 accumulation) as torch
+CUDA tensors; building needs no GPU (kernels to cubin with nvcc), running
+needs TVM's CUDA runtime.  ``kernel.export(path, ...)`` (``export.py``) writes
+libraries that ``gmagen.load(path)`` runs with TVM's runtime alone.  TVM is
+imported when the backend is probed or lowered, never with this module.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 from gmagen.config import Config
+from gmagen.errors import OptionError
 from gmagen.ir.passes.plan import KernelPlan
 
 from ..base import Availability, Backend, Executable
@@ -41,6 +48,10 @@ def _probe() -> tuple[bool, str]:
         parts = tuple(int(p) for p in version.split(".")[:2])
     except ValueError:
         parts = (0, 0)
+    if getattr(getattr(tvm, "base", None), "_RUNTIME_ONLY", False):
+        return False, (f"apache-tvm {version} is loaded as the runtime only (no "
+                       f"libtvm_compiler, or TVM_USE_RUNTIME_LIB=1): it cannot build; "
+                       f"gmagen.load(path) still runs exported kernels")
     if parts < MIN_TVM:
         return False, (f"apache-tvm {version} is too old; the tvm backend needs "
                        f">= {'.'.join(map(str, MIN_TVM))} (tvm.tirx, tvm.s_tir)")
@@ -57,17 +68,64 @@ def _probe() -> tuple[bool, str]:
 class TVMBackend(Backend):
     """native "numpy": on the CPU, NumPy arrays go to TVM through DLPack without a
     copy (tvm_ffi.from_dlpack), and NumPy is gmagen's only hard dependency, so
-    the backend needs nothing beyond apache-tvm."""
+    the backend needs nothing beyond apache-tvm.  Kernels for target "cuda" are
+    called through ``for_options`` (a TVMCudaBackend: torch CUDA tensors)."""
 
     name = "tvm"
     native = "numpy"
     devices = ("cpu",)
     dtypes = ("f32",)
-    options: Mapping[str, tuple] = {"target": ("llvm",)}
+    options: Mapping[str, tuple] = {"target": (), "arch": ()}
 
     def availability(self) -> Availability:
         ok, reason = _probe()
         return Availability(ok, reason)
+
+    def lowering_availability(self, options: Mapping[str, Any]) -> Availability:
+        """Building needs TVM's compiler only, for either target (cuda without a GPU
+        when an arch is given: checked by ``check_options``)."""
+        ok, reason = _probe()
+        return Availability(ok, reason)
+
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``target``: "llvm" (default), "cuda" or {"kind": "cuda", "arch": "sm_90"};
+        ``arch``: the cuda arch ("sm_90", "90", (9, 0)).  Normalized to
+        {"target": "llvm"} or {"target": "cuda", "arch": "sm_90"} (arch left out for
+        "cuda" on a machine with a CUDA device: the device's arch, per call)."""
+        out = super().check_options(options)
+        target = out.get("target", "llvm")
+        arch = out.get("arch")
+        if isinstance(target, Mapping):
+            extra = sorted(set(target) - {"kind", "arch"})
+            if extra or "kind" not in target:
+                raise OptionError(f"tvm backend: target={dict(target)!r}; a target dict takes "
+                                  f"'kind' ('llvm' or 'cuda') and, for cuda, 'arch' ('sm_90')")
+            if "arch" in target:
+                if arch is not None and normalize_arch(arch) != normalize_arch(target["arch"]):
+                    raise OptionError(f"tvm backend: arch={arch!r} disagrees with the target's "
+                                      f"arch {target['arch']!r}")
+                arch = target["arch"]
+            target = target["kind"]
+        if target not in ("llvm", "cuda"):
+            raise OptionError(f"tvm backend: target={target!r} is not allowed; expected 'llvm', "
+                              f"'cuda' or {{'kind': 'cuda', 'arch': 'sm_90'}}")
+        if target == "llvm":
+            if arch is not None:
+                raise OptionError(f"tvm backend: arch={arch!r} is for target 'cuda', the "
+                                  f"target is 'llvm'")
+            return {"target": "llvm"}
+        if arch is not None:
+            return {"target": "cuda", "arch": normalize_arch(arch)}
+        if device_arch(0) is None:
+            raise OptionError("tvm backend: target='cuda' takes the arch of the CUDA device, "
+                              "and there is none here; to build without a GPU name the arch: "
+                              "target={'kind': 'cuda', 'arch': 'sm_90'} or arch='sm_90'")
+        return {"target": "cuda"}
+
+    def for_options(self, options: Mapping[str, Any]) -> Backend:
+        """The backend a Kernel compiled with ``options`` (from check_options) calls:
+        target "cuda" takes CUDA tensors of 16- or 32-bit floats."""
+        return CUDA_BACKEND if options.get("target") == "cuda" else self
 
     def default_config(self, kernel: KernelPlan, binding: Any) -> Config:
         from .space import default_config
@@ -78,11 +136,65 @@ class TVMBackend(Backend):
               options: Mapping[str, Any]) -> Executable:
         from .lower import TVMExecutable
 
-        return TVMExecutable(kernel, binding, config, options.get("target", "llvm"))
+        target = options.get("target", "llvm")
+        arch = ""
+        if target == "cuda":
+            index = binding.device[1] if binding.device[0] == "cuda" else 0
+            arch = options.get("arch") or device_arch(index) or ""
+        return TVMExecutable(kernel, binding, config, target, arch)
+
+    def export(self, kernel: Any, path: str, *specs: Mapping[str, Any]) -> str:
+        """``kernel.export(path, *specs)``: see ``export.export``."""
+        from .export import export
+
+        return export(kernel, path, *specs)
 
     def describe(self) -> str:
-        return ("tvm: TE/TensorIR built with TVM for target llvm (CPU), float32; every "
-                "variant, key mask, causal state, both layouts (no varlen yet)")
+        return ("tvm: TE/TensorIR built with TVM for target llvm (CPU, float32) and cuda "
+                "(f32/f16/bf16 tokens, float32 accumulation; builds without a GPU given an "
+                "arch); every variant, key mask, causal state, both layouts (no varlen yet); "
+                "kernel.export + gmagen.load run with TVM's runtime alone")
+
+
+class TVMCudaBackend(TVMBackend):
+    """The tvm backend as seen by kernels for target "cuda": CUDA arrays, tokens
+    in float32 / float16 / bfloat16; native torch (CuPy callers' arrays are
+    viewed as torch tensors through DLPack), or CuPy without torch."""
+
+    devices = ("cuda",)
+    dtypes = ("f16", "bf16", "f32")
+
+    @property
+    def native(self) -> str:  # type: ignore[override]
+        import importlib.util
+
+        return "torch" if importlib.util.find_spec("torch") is not None else "cupy"
+
+
+def normalize_arch(arch: Any) -> str:
+    """"sm_90" from "sm_90", "90", 90, "9.0" or (9, 0)."""
+    text = arch
+    if isinstance(arch, (tuple, list)) and len(arch) == 2:
+        text = f"{arch[0]}{arch[1]}"
+    text = str(text).strip().lower().removeprefix("sm_").removeprefix("sm").replace(".", "")
+    if not text.isdigit() or len(text) < 2:
+        raise OptionError(f"tvm backend: arch={arch!r} is not a CUDA arch; expected e.g. "
+                          f"'sm_90', '90' or (9, 0)")
+    return f"sm_{text}"
+
+
+def device_arch(index: int = 0) -> "str | None":
+    """The arch of CUDA device ``index`` as TVM's runtime sees it, None without one."""
+    try:
+        import tvm
+
+        dev = tvm.cuda(index)
+        if not dev.exist:
+            return None
+        return normalize_arch(dev.compute_version)
+    except Exception:  # no CUDA runtime in this TVM, or no driver
+        return None
 
 
 BACKEND = TVMBackend()
+CUDA_BACKEND = TVMCudaBackend()

@@ -14,8 +14,8 @@ from .prelude import Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         target_kind: str = "llvm") -> Graph:
-    g = Graph("read", layout, dims, target_kind)
+         target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
+    g = Graph("read", layout, dims, target_kind, token_dtype)
     op = kernel.main
     K, Dv = dims["K"], dims["Dv"]
     eps = float(op.eps)

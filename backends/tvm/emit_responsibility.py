@@ -12,8 +12,9 @@ from tvm import te
 from .prelude import Graph
 
 
-def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm") -> Graph:
-    g = Graph("responsibility", layout, dims, target_kind)
+def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm",
+         token_dtype: str = "float32") -> Graph:
+    g = Graph("responsibility", layout, dims, target_kind, token_dtype)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]

@@ -79,8 +79,8 @@ def chunk_prefix(delta: Any, init: Any, name: str, gpu: bool = False) -> Any:
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         chunk: int, target_kind: str = "llvm") -> Graph:
-    g = Graph("scan", layout, dims, target_kind)
+         chunk: int, target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
+    g = Graph("scan", layout, dims, target_kind, token_dtype)
     op = kernel.main
     K, Dv, C = dims["K"], dims["Dv"], chunk
     eps = float(op.eps)

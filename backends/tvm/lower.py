@@ -1,17 +1,16 @@
 """(kernel plan, call binding, config, target) -> a TVMExecutable: the plan's TE
 graph (``emit_<kind>.py``), scheduled from the config (``schedule.py``), built
-once per specialization (``launch.py``) and called on NumPy arrays.
+once per specialization (``launch.py``) and called on NumPy arrays (llvm) or
+torch CUDA tensors (cuda, ``runtime.py``).
 
 A specialization is the plan's ops and attributes, the layout, the optional
-inputs present, D / Dv / K, the config and the target; B, N and H stay symbolic
-in the built function.
+inputs present, D / Dv / K, the token dtype, the config and the target (with
+its arch); B, N and H stay symbolic in the built function.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import numpy as np
 
 from gmagen.config import Config
 from gmagen.errors import DTypeError, OptionError, ShapeError
@@ -21,87 +20,114 @@ from gmagen.ir.printer import print_op
 from ..base import Executable
 from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, space
 from .prelude import Graph, Param, check_supported
+from .runtime import ShapeMismatch, Slot, Step, run_step
 
-TARGETS = {"llvm": {"kind": "llvm"}}
+TARGET_KINDS = ("llvm", "cuda")
+TOKEN_DTYPES = {"llvm": ("f32",), "cuda": ("f32", "f16", "bf16")}
+NUMPY_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 FUNC_NAME = "main"
 
 
+def target_dict(kind: str, arch: str = "") -> dict:
+    """The TVM target of a target kind ("llvm" / "cuda") and arch ("sm_90")."""
+    return {"kind": "cuda", "arch": arch} if kind == "cuda" else {"kind": kind}
+
+
 def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozenset,
-          config: Config, target_kind: str = "llvm") -> Graph:
+          config: Config, target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
     if kernel.kind == "responsibility":
-        return emit_responsibility.emit(kernel, layout, dims, target_kind)
+        return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype)
     if kernel.kind == "write":
-        return emit_write.emit(kernel, layout, dims, present, target_kind)
+        return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype)
     if kernel.kind == "read":
-        return emit_read.emit(kernel, layout, dims, present, target_kind)
-    return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind)
+        return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype)
+    return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind,
+                          token_dtype)
 
 
 def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
-                     present: frozenset, config: Config, target_kind: str = "llvm"
-                     ) -> tuple[Graph, Any, str]:
+                     present: frozenset, config: Config, target_kind: str = "llvm",
+                     token_dtype: str = "float32") -> tuple[Graph, Any, str]:
     """(graph, scheduled IRModule with one function FUNC_NAME, schedule trace)."""
     import tvm
     from tvm import te
 
     from .schedule import schedule
 
-    graph = _emit(kernel, layout, dims, present, config, target_kind)
+    graph = _emit(kernel, layout, dims, present, config, target_kind, token_dtype)
     func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
     sch = schedule(graph, func, config, target_kind)
     return graph, tvm.IRModule({FUNC_NAME: sch.mod["main"]}), str(sch.trace)
 
 
 def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozenset,
-                config: Config, arch: str = "sm_90") -> str:
+                config: Config, arch: str = "sm_90", token_dtype: str = "float32") -> str:
     """Build ``kernel`` for {"kind": "cuda", "arch": arch} (no GPU needed) and return
-    the generated CUDA source.  A first step of the cuda target (issue 7): the
-    GPU schedule is untuned and nothing runs it yet."""
+    the generated CUDA source."""
     import tvm
 
-    _, mod, _ = scheduled_module(kernel, layout, dims, present, space.validate(config), "cuda")
-    lib = tvm.compile(mod, target=tvm.target.Target({"kind": "cuda", "arch": arch}))
-    return "\n".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+    _, mod, _ = scheduled_module(kernel, layout, dims, present, space.validate(config), "cuda",
+                                 token_dtype)
+    lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)))
+    return lib_cuda_source(lib)
+
+
+def lib_cuda_source(lib: Any) -> str:
+    from .cubin import cuda_imports
+
+    return "\n".join(m.inspect_source() for m in cuda_imports(getattr(lib, "mod", lib)))
 
 
 class TVMExecutable(Executable):
     """One kernel plan built for one call specialization."""
 
-    def __init__(self, kernel: KernelPlan, binding: Any, config: Config, target: str = "llvm"):
+    def __init__(self, kernel: KernelPlan, binding: Any, config: Config, target: str = "llvm",
+                 arch: str = ""):
         import tvm
 
-        if target not in TARGETS:
+        if target not in TARGET_KINDS:
             raise OptionError(f"tvm backend: target={target!r} is not allowed; expected one of "
-                              + ", ".join(map(repr, TARGETS)))
+                              + ", ".join(map(repr, TARGET_KINDS)))
+        if target == "cuda" and not arch:
+            raise OptionError("tvm backend: target 'cuda' needs an arch here (no CUDA device to "
+                              "take it from): target={'kind': 'cuda', 'arch': 'sm_90'}")
         check_supported(kernel, binding)
         token = binding.dtypes.get("T", "f32")
-        if token != "f32":
-            raise DTypeError(f"tvm backend: {token} tokens; target {target} computes float32 "
-                             f"only: pass float32 arrays")
+        if token not in TOKEN_DTYPES[target]:
+            raise DTypeError(f"tvm backend: {token} tokens; target {target} computes with "
+                             f"{'/'.join(TOKEN_DTYPES[target])} tokens (float32 accumulation): "
+                             f"pass float32 arrays")
         self.kernel = kernel
         self.layout = binding.layout
         self.config = space.validate(config)
         self.target = target
+        self.arch = arch if target == "cuda" else ""
+        self.token_dtype = NUMPY_NAMES[token]
+        self.device = "cpu" if target == "llvm" else "cuda"
         self.dims = {d: int(binding.dims[d]) for d in ("D", "Dv", "K") if d in binding.dims}
         optional = {getattr(kernel.main, f, None) for f in ("key_mask", "initial_state")}
         self.present = frozenset(v for v in optional if v is not None and v in binding.present)
         key = ("tvm", tvm.__version__, kernel.kind, tuple(print_op(op) for op in kernel.ops),
                kernel.inputs, kernel.outputs, self.layout, tuple(sorted(self.present)),
-               tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())), target)
-        self.built = launch.build(key, self._make, TARGETS[target])
+               tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())), target,
+               self.arch, self.token_dtype)
+        self.built = launch.build(key, self._make, target_dict(target, self.arch))
         self.source = self.built.source
 
     # -- code generation ---------------------------------------------------
     def _make(self) -> tuple:
         graph, mod, trace = scheduled_module(self.kernel, self.layout, self.dims, self.present,
-                                             self.config, TARGETS[self.target]["kind"])
+                                             self.config, self.target, self.token_dtype)
+        init = getattr(self.kernel.main, "initial_state", None)
+        step = Step(tuple(_slot(p) for p in graph.inputs), tuple(_slot(p) for p in graph.outputs),
+                    init if init in self.present else None)
 
-        def source_of(built_mod: Any) -> str:
-            return self._source(graph, trace, built_mod)
+        def source_of(built_mod: Any, lib: Any) -> str:
+            return self._source(graph, trace, built_mod, lib)
 
-        return mod, FUNC_NAME, graph.inputs, graph.outputs, source_of
+        return mod, FUNC_NAME, step, source_of
 
-    def _source(self, graph: Graph, trace: str, mod: Any) -> str:
+    def _source(self, graph: Graph, trace: str, mod: Any, lib: Any) -> str:
         import tvm
 
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -109,9 +135,10 @@ class TVMExecutable(Executable):
                   if (v := getattr(self.kernel.main, f, None)) is not None
                   and v not in self.present]
         lines = [f"# gmagen tvm backend: {self.kernel.name} (TE -> TensorIR, apache-tvm "
-                 f"{tvm.__version__}, target {TARGETS[self.target]})",
+                 f"{tvm.__version__}, target {target_dict(self.target, self.arch)})",
                  *("# " + line for line in str(self.kernel).splitlines()),
-                 f"# layout {self.layout}; {dims}; tokens float32, accumulate in float32; "
+                 f"# layout {self.layout}; {dims}; tokens {self.token_dtype}, accumulate in "
+                 f"float32; "
                  f"B, N, H symbolic"
                  + (f"; absent: {', '.join('%' + v for v in absent)}" if absent else ""),
                  f"# config: {self.config}",
@@ -122,57 +149,23 @@ class TVMExecutable(Executable):
                  *("#   " + line for line in trace.splitlines()),
                  "# TensorIR of the scheduled function:",
                  mod.script()]
+        if self.target == "cuda":
+            lines += ["// CUDA source generated by TVM (compiled to cubin with nvcc when the "
+                      "function is first run or exported)", lib_cuda_source(lib)]
         return "\n".join(lines)
 
     # -- running -------------------------------------------------------------
     def run(self, env: dict[str, Any], binding: Any) -> dict[str, Any]:
-        arrays: list[np.ndarray] = []
-        dims: dict[str, int] = {}
-        for p in self.built.inputs:
-            value = env[p.name]
-            if p.part:
-                value = value[0 if p.part == "S" else 1]
-            a = launch.prepare(value, p.dtype)
-            _unify(dims, p, a.shape)
-            arrays.append(a)
-        outs = [launch.aligned_empty(_resolve(p.shape, dims), p.dtype)
-                for p in self.built.outputs]
-        if any(dims.get(d, 1) == 0 for d in ("B", "N", "H")):
-            self._empty(outs, env)  # nothing to compute; zero-extent loops are not built for
-        else:
-            launch.call(self.built.fn, arrays + outs)
-        result: dict[str, Any] = {}
-        for p, a in zip(self.built.outputs, outs):
-            if p.part:
-                pair = result.setdefault(p.name, [None, None])
-                pair[0 if p.part == "S" else 1] = a
-            else:
-                result[p.name] = a
-        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in result.items()}
+        if binding.device[0] != self.device:
+            from gmagen.errors import DeviceError
 
-    def _empty(self, outs: list[np.ndarray], env: dict[str, Any]) -> None:
-        """No token (or no row): memories are zero, a causal state passes through."""
-        init = getattr(self.kernel.main, "initial_state", None)
-        for p, a in zip(self.built.outputs, outs):
-            if p.part and init in self.present and a.size:
-                a[...] = np.asarray(env[init][0 if p.part == "S" else 1], dtype=np.float32)
-            else:
-                a[...] = 0.0
+            raise DeviceError(f"tvm backend: target {self.target} runs on {self.device} "
+                              f"arrays, got arrays on {binding.device[0]}")
+        try:
+            return run_step(self.built.fn, self.built.step, env, self.device)
+        except ShapeMismatch as exc:
+            raise ShapeError(f"tvm backend: {exc}") from None
 
 
-def _unify(dims: dict[str, int], p: Param, shape: tuple[int, ...]) -> None:
-    what = f"{p.name}{'[0] (S)' if p.part == 'S' else '[1] (n)' if p.part == 'n' else ''}"
-    if len(shape) != len(p.shape):
-        raise ShapeError(f"tvm backend: {what} has {len(shape)} dims, expected {list(p.shape)}")
-    for want, got in zip(p.shape, shape):
-        if isinstance(want, str):
-            if dims.setdefault(want, int(got)) != got:
-                raise ShapeError(f"tvm backend: {what} has shape {list(shape)}, expected "
-                                 f"{want}={dims[want]} in {list(p.shape)}")
-        elif want != got:
-            raise ShapeError(f"tvm backend: {what} has shape {list(shape)}, expected "
-                             f"{list(p.shape)}")
-
-
-def _resolve(shape: tuple, dims: dict[str, int]) -> tuple[int, ...]:
-    return tuple(dims[d] if isinstance(d, str) else d for d in shape)
+def _slot(p: Param) -> Slot:
+    return Slot(p.name, p.part, tuple(p.shape), p.dtype)

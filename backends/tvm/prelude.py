@@ -7,7 +7,8 @@ Conventions: B, N, H are symbolic (one build serves every batch, length and
 head count); D, Dv, K and C are constants of the specialization.  Per-token
 intermediates are [B, H, N, X] (head-major: the (b, h) pairs are the parallel
 loop); tensors the caller sees are in the call's layout.  Everything computes
-in float32.
+in float32 (16-bit tokens are read and widened; results are float32 and the
+Kernel casts y to the token dtype).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Graph:
     layout: str
     dims: dict[str, int]
     target_kind: str = "llvm"
+    token_dtype: str = F32   # q, k, v (and responsibilities passed in): float16 / bfloat16 on cuda
     B: Any = field(default_factory=lambda: te.var("B"))
     N: Any = field(default_factory=lambda: te.var("N"))
     H: Any = field(default_factory=lambda: te.var("H"))
@@ -81,11 +83,18 @@ class Graph:
         return self._cache[key]
 
     def tokens(self, name: str, x: int) -> Callable[..., Any]:
-        """Accessor (b, n, h, i) -> element of a [B, N, H, x] token input in the call's layout."""
-        t = self.input(name, self.token_shape(x))
-        if self.layout == "bnhd":
-            return lambda b, n, h, i: t[b, n, h, i]
-        return lambda b, n, h, i: t[b, h, n, i]
+        """Accessor (b, n, h, i) -> float32 element of a [B, N, H, x] token input in
+        the call's layout (16-bit tokens are widened as they are read)."""
+        t = self.input(name, self.token_shape(x), dtype=self.token_dtype)
+        if self.token_dtype == F32:
+            def at(b, n, h, i):
+                return t[b, n, h, i] if self.layout == "bnhd" else t[b, h, n, i]
+            return at
+
+        def widened(b, n, h, i):
+            v = t[b, n, h, i] if self.layout == "bnhd" else t[b, h, n, i]
+            return v.astype(F32)
+        return widened
 
     def key_mask(self, name: Optional[str]) -> Optional[Callable[..., Any]]:
         """Accessor (b, n) -> bool of the key mask (passed as uint8, a view of NumPy's bool)."""

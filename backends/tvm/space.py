@@ -19,8 +19,8 @@ KNOBS = {
                "(b, h) pairs run in parallel)",
     "chunk": "tokens per causal chunk C, a positive int (masked C x C products inside a "
              "chunk, a K x Dv state carried across chunks)",
-    "num_threads": "threads per thread block of the cuda schedule (built, not run yet), "
-                   "a positive int",
+    "num_threads": "threads per thread block of the cuda schedule (tokens x elements of "
+                   "one (b, h) pair tiled over them), a positive int <= 1024",
 }
 DEFAULTS = Config(block_n=32, chunk=32, num_threads=128)
 
@@ -40,7 +40,8 @@ def validate(config: Config) -> Config:
     full = DEFAULTS.replace(**dict(config))
     for key in KNOBS:
         value = full[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                or (key == "num_threads" and value > 1024)):
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")
     return full

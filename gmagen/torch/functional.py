@@ -61,8 +61,9 @@ def gma(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var: Tensor, logit: T
         causal: bool = False, norm: str = "row", eps: float = _ops.DEFAULT_EPS,
         key_mask: Optional[Tensor] = None,
         initial_state: Optional[tuple[Tensor, Tensor]] = None, return_state: bool = False,
-        layout: str = "bnhd",
-        backend: Optional[str] = None) -> Union[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]:
+        layout: str = "bnhd", backend: Optional[str] = None,
+        cp_group: Optional["torch.distributed.ProcessGroup"] = None
+        ) -> Union[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]:
     """Gaussian Mixture Attention (GMA_SPEC.md), differentiable in every float input.
 
     q, k [B, N, H, D] and v [B, N, H, Dv] (layout "bhnd": [B, H, N, X]); mean
@@ -74,7 +75,15 @@ def gma(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var: Tensor, logit: T
 
     backend: "triton", "torch", "numpy" (the float64 oracle, CPU), or None:
     triton for CUDA tensors, the torch lowering otherwise (the pick is logged at
-    GMAGEN_LOG=info).  Gradients: see ``gmagen.torch.grad``."""
+    GMAGEN_LOG=info).  Gradients: see ``gmagen.torch.grad``.
+
+    cp_group: a torch.distributed process group over which the sequence is
+    sharded (context parallelism, ``gmagen.torch.context_parallel``): q, k, v and
+    key_mask hold this rank's contiguous piece of the tokens (rank order is
+    sequence order; pieces may differ in length or be empty), y is this rank's
+    piece of the whole sequence's output; initial_state enters rank 0's piece,
+    the returned state is the whole sequence's on every rank.  Mixture
+    gradients are this rank's share (sum them over the group, as DDP does)."""
     for arg, t in (("q", q), ("k", k), ("v", v), ("mean", mean), ("log_var", log_var),
                    ("logit", logit)):
         _check_tensor(arg, t)
@@ -106,6 +115,13 @@ def gma(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var: Tensor, logit: T
     if backend == "triton" and q.device.type == "cuda" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, mean, log_var, logit, s0, n0)):
         _check_backward_dims(q, v, mean)
+    if cp_group is not None:
+        from .context_parallel import gma_context_parallel
+
+        return gma_context_parallel(q, k, v, mean, log_var, logit, group=cp_group,
+                                    causal=causal, norm=norm, eps=eps, key_mask=key_mask,
+                                    initial_state=None if s0 is None else (s0, n0),
+                                    return_state=return_state, layout=layout, backend=backend)
     y, s, n = gma_op(q, k, v, mean, log_var, logit, key_mask, s0, n0, causal, norm, eps, layout,
                      backend)
     return (y, (s, n)) if return_state else y

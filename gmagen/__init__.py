@@ -8,9 +8,10 @@ from .compile import available_backends, compile, responsibilities
 from .config import Config
 from .dsl import ProgramBuilder, gma
 from .errors import GMAError
+from .load import load
 from .tune import tune
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "GMAError", "ProgramBuilder", "__version__", "available_backends",
-           "compile", "errors", "gma", "responsibilities", "tune"]
+           "compile", "errors", "gma", "load", "responsibilities", "tune"]

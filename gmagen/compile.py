@@ -63,6 +63,9 @@ def compile(program: Program, backend: str = "numpy", *,
     name = _pick_auto() if backend == "auto" else backend
     be = get_backend(name, options)  # options may allow compile-only (cupy arch="sm_90")
     opts = be.check_options(options)
+    specialize = getattr(be, "for_options", None)
+    if specialize is not None:
+        be = specialize(opts)  # e.g. tvm target="cuda": CUDA tensors, f16/bf16 tokens
     cfg: Any
     plan = plan_program(program)
     kernel_names = {k.name for k in plan.kernels}

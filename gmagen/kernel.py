@@ -135,6 +135,16 @@ class Kernel:
         dims = binding.dims
         return (bucket(dims["N"]), bucket(dims["B"] * dims["H"]))
 
+    def export(self, path: str, *specs: Mapping[str, Any]) -> str:
+        """Ahead-of-time libraries of this kernel under directory ``path`` for
+        ``gmagen.load`` (backend tvm).  ``specs``: {"D", "Dv", "K", "layout", "dtype",
+        "key_mask", "initial_state"}; none: every specialization run so far."""
+        exporter = getattr(self._backend, "export", None)
+        if exporter is None:
+            raise UnsupportedFeature(f"backend {self.backend!r} cannot export libraries; "
+                                     f"compile with backend='tvm'")
+        return exporter(self, path, *specs)
+
     def tuning_key(self, kp: Any, binding: checks.Binding, device: Mapping[str, Any]) -> Any:
         """The autotune cache key of kernel plan ``kp`` for this specialization on
         ``device`` (the backend's ``tuning_device``): shared with gmagen.tune."""

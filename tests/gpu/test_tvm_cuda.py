@@ -1,0 +1,114 @@
+"""TVM backend, target cuda, on a GPU vs the float64 oracle: every variant
+(causal x norm x covariance x key mask, causal also from an initial state) in
+f32 / f16 / bf16 at GMA_SPEC's tolerances, torch tensors.
+
+Two ways to get the kernels, whichever the GPU machine allows:
+- in process: ``gmagen.compile(p, "tvm", target="cuda")`` where TVM's compiler
+  is installed (nvcc compiles the kernels to cubin);
+- exported: where only TVM's runtime is (the GPU machine's stripped package),
+  set GMAGEN_TVM_EXPORTS to a directory written on a CPU machine by
+  ``python tests/gpu/test_tvm_cuda.py export DIR [sm_90]``; the tests then run
+  ``gmagen.load(DIR/<variant>)`` with the runtime alone.
+Skipped without CUDA (torch) or without tvm.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+B, N, H, D, Dv, K = 2, 77, 3, 16, 8, 4
+TOL = {"f32": 1e-4, "f16": 1e-2, "bf16": 2e-2}   # GMA_SPEC forward
+NORMS, COVS = ("row", "slot"), ("diag", "spherical", "shared")
+VARIANTS = [(c, n, cov, m, i) for c in (False, True) for n in NORMS for cov in COVS
+            for m in (False, True) for i in ((False, True) if c and m else (False,))]
+
+
+def variant_name(causal, norm, cov, mask, init, dtype):
+    return "-".join(["causal" if causal else "bidir", norm, cov] + ["mask"] * mask
+                    + ["init"] * init + [dtype])
+
+
+def _export_all(out: str, arch: str) -> None:
+    """On a CPU machine with TVM's compiler and nvcc: one library per variant."""
+    import gmagen
+    from gmagen.backends.tvm.export import export
+
+    for causal, norm, cov, mask, init in VARIANTS:
+        kern = gmagen.compile(gmagen.gma(causal, norm, cov), backend="tvm",
+                              target={"kind": "cuda", "arch": arch})
+        for dtype in TOL:
+            path = os.path.join(out, variant_name(causal, norm, cov, mask, init, dtype))
+            export(kern, path, {"D": D, "Dv": Dv, "K": K, "dtype": dtype, "key_mask": mask,
+                                "initial_state": init})
+            print(path, flush=True)
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "export":
+    _export_all(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "sm_90")
+    sys.exit(0)
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("tvm")
+
+import gmagen  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+EXPORTS = os.environ.get("GMAGEN_TVM_EXPORTS")
+if not EXPORTS and not gmagen.available_backends()["tvm"]:
+    pytest.skip(f"tvm cannot build here ({gmagen.available_backends()['tvm'].reason}) and "
+                f"GMAGEN_TVM_EXPORTS is not set", allow_module_level=True)
+
+
+def _inputs(rng, covariance, dtype, mask, init):
+    lv = {"diag": (H, K, D), "spherical": (H, K), "shared": (H,)}[covariance]
+    tokens = [rng.normal(size=(B, N, H, X)) for X in (D, D, Dv)]
+    mix = [rng.normal(0, .5, (H, K, D)), rng.normal(0, .1, lv), rng.normal(0, .1, (H, K))]
+    # round the tokens to the dtype first: the oracle sees the same values
+    tokens = [torch.tensor(t, dtype=TORCH[dtype]).double().numpy() for t in tokens]
+    extra = {}
+    if mask:
+        extra["key_mask"] = rng.random((B, N)) < .75
+    if init:
+        n0 = rng.uniform(.5, 8, (B, H, K))
+        extra["initial_state"] = (n0[..., None] * rng.normal(size=(B, H, K, Dv)) / 2, n0)
+    return tokens, mix, extra
+
+
+def _cuda(x, dtype=torch.float32):
+    if isinstance(x, tuple):
+        return tuple(_cuda(a, dtype) for a in x)
+    if x.dtype == np.bool_:
+        return torch.tensor(x, device="cuda")
+    return torch.tensor(x, dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_name(*v, "") [:-1] for v in VARIANTS])
+def test_variant(variant, dtype):
+    causal, norm, cov, mask, init = variant
+    rng = np.random.default_rng(hash((variant, dtype)) % 2**32)
+    tokens, mix, extra = _inputs(rng, cov, dtype, mask, init)
+    if EXPORTS:
+        from gmagen.load import load
+
+        run = load(os.path.join(EXPORTS, variant_name(*variant, dtype)))
+    else:
+        run = gmagen.compile(gmagen.gma(causal, norm, cov), backend="tvm", target="cuda")
+    args = [_cuda(t, TORCH[dtype]) for t in tokens] + [_cuda(m) for m in mix]
+    y, (S, n) = run(*args, return_state=True, **{k: _cuda(v) for k, v in extra.items()})
+    torch.cuda.synchronize()
+    ref = gmagen.compile(gmagen.gma(causal, norm, cov), "numpy")
+    yr, (Sr, nr) = ref(*tokens, *mix, return_state=True, **extra)
+    assert y.dtype == TORCH[dtype] and y.is_cuda
+    for got, want, what in ((y, yr, "y"), (S, Sr, "S"), (n, nr, "n")):
+        got = got.double().cpu().numpy()
+        assert not np.isnan(got).any(), what
+        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+        assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]}"

@@ -83,10 +83,23 @@ def compile(program: Program, backend: str = "numpy", *,
 
 
 @lru_cache(maxsize=64)
-def _responsibility_kernel(backend: str, covariance: str, layout: str, opts: tuple) -> Kernel:
+def _responsibility_kernel(backend: str, covariance: str, layout: str, opts: str) -> Kernel:
+    import json
+
     from gmagen.dsl import responsibilities_program
 
-    return compile(responsibilities_program(covariance, layout), backend, **dict(opts))
+    return compile(responsibilities_program(covariance, layout), backend, **json.loads(opts))
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    """Options as a hashable cache key; values may be dicts (tvm's target dicts)."""
+    import json
+
+    try:
+        return json.dumps(options, sort_keys=True)
+    except TypeError as exc:
+        raise OptionError(f"responsibilities: options {options!r} must be plain values "
+                          f"(str, int, float, bool, lists, dicts): {exc}") from exc
 
 
 _COVARIANCE_BY_RANK = {3: "diag", 2: "spherical", 1: "shared"}
@@ -104,7 +117,7 @@ def responsibilities(x: Any, mean: Any, log_var: Any, logit: Any, *, backend: st
         raise ShapeError(f"log_var has {rank} dims, expected [H, K, D] (diag), [H, K] "
                          f"(spherical) or [H] (shared)")
     kern = _responsibility_kernel(backend, _COVARIANCE_BY_RANK[rank], layout,
-                                  tuple(sorted(options.items())))
+                                  _options_key(options))
     return kern(x, mean, log_var, logit)
 
 

@@ -59,7 +59,9 @@ def _vjp_torch(inputs: Inputs, dy, ds, dn, attrs: dict) -> list[Optional[torch.T
         y, s, n = forward_torch(lq, lk, lv, lm, llv, llg, key_mask, ls0, ln0, **attrs)
         outs, cots = [], []
         for out, ct in ((y, dy), (s, ds), (n, dn)):
-            if ct is not None:
+            # an output that depends on no input (N = 0: y is empty, the state is
+            # the initial one or zeros) contributes nothing
+            if ct is not None and out.requires_grad:
                 outs.append(out)
                 cots.append(ct.to(out.dtype))
         want = [t for t in leaves if t is not None]

@@ -315,3 +315,26 @@ def test_triton_still_usable_after_gmagen_torch_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     if "triton is not installed" not in out.stdout:
         assert "TRITON True" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_empty_sequence_gradients(causal):
+    # N = 0: y is empty, the state is the initial one (causal) or zeros; gradients
+    # of the tokens and mixture are zero, the initial state's is the state's cotangent
+    H, K, D = 2, 3, 4
+    q, k, v = (torch.randn(1, 0, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mix = [torch.randn(H, K, D, dtype=torch.float64, requires_grad=True),
+           torch.zeros(H, K, D, dtype=torch.float64, requires_grad=True),
+           torch.zeros(H, K, dtype=torch.float64, requires_grad=True)]
+    kw = {}
+    if causal:
+        s0 = torch.randn(1, H, K, D, dtype=torch.float64, requires_grad=True)
+        n0 = torch.rand(1, H, K, dtype=torch.float64, requires_grad=True)
+        kw = {"initial_state": (s0, n0)}
+    y, (s, n) = gt.gma(q, k, v, *mix, causal=causal, backend="torch", return_state=True, **kw)
+    (y.sum() + 2 * s.sum() + 3 * n.sum()).backward()
+    assert y.shape == (1, 0, H, D)
+    assert all(float(t.grad.abs().sum()) == 0.0 for t in mix)
+    if causal:
+        assert torch.equal(s0.grad, torch.full_like(s0, 2.0))
+        assert torch.equal(n0.grad, torch.full_like(n0, 3.0))

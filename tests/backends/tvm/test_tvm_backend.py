@@ -271,3 +271,15 @@ def test_refusals(rng, gma_ref):
         run(kern, inputs, cu_seqlens=np.array([0, 10, BASE[1]], dtype=np.int32))
     with pytest.raises(DTypeError):
         run(kern, {k: f64(v) for k, v in inputs.items()})
+
+
+def test_responsibilities_take_a_target_dict():
+    # options with dict values (tvm targets) are cached by their JSON form
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 9, 2, 4)).astype(np.float32)
+    mean = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    log_var, logit = np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.float32)
+    ref = gmagen.responsibilities(x, mean, log_var, logit)
+    for target in ({"kind": "llvm"}, "llvm"):
+        r = gmagen.responsibilities(x, mean, log_var, logit, backend="tvm", target=target)
+        np.testing.assert_allclose(r, ref, rtol=1e-4, atol=1e-6)

@@ -15,6 +15,8 @@ launches on the caller's stream.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 from gmagen.config import Config
@@ -279,19 +281,11 @@ class CupyExecutable(Executable):
         return {main.out: y, main.state_out: (S, n)}
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _torch_stream(x: Any, stream: Any) -> Any:
     """Torch tensors (native "torch"): make the launch stream torch's current one
     too, so that buffers torch allocates here belong to the stream that uses them."""
     if not launch.is_torch(x):
-        return _nullcontext()
+        return contextlib.nullcontext()
     import torch
 
     return torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=x.device))

@@ -11,6 +11,8 @@ Each plan kind becomes one or more generated kernels:
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from typing import Any, Mapping
 
@@ -197,7 +199,7 @@ class TritonExecutable(Executable):
         if dims != self._source_dims:  # regenerate the text only for new sizes
             self.source, self._source_dims = self._sources(*dims), dims
         bn = int(self.config["block_n"])
-        ctx = torch.cuda.device(x.device) if x.is_cuda else _nullcontext()
+        ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
         with ctx, _caller_stream(binding, x):
             if self.kind == "responsibility":
                 return self._run_responsibility(env, x, B, N, H, K, dims, bn)
@@ -314,14 +316,6 @@ class TritonExecutable(Executable):
         return {main.out: y, main.state_out: (S, n)}
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _caller_stream(binding: Any, x: Any) -> Any:
     """Launch on the caller's stream: CuPy's current stream for CuPy arrays
     (torch's current stream is what Triton uses otherwise)."""
@@ -330,4 +324,4 @@ def _caller_stream(binding: Any, x: Any) -> Any:
         import torch
 
         return torch.cuda.stream(torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr))
-    return _nullcontext()
+    return contextlib.nullcontext()

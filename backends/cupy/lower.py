@@ -16,7 +16,6 @@ launches on the caller's stream.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any
 
 from gmagen.config import Config

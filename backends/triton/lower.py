@@ -12,7 +12,6 @@ Each plan kind becomes one or more generated kernels:
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from typing import Any, Mapping
 

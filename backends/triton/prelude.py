@@ -122,7 +122,7 @@ def common_prologue(c: Code, s: Shape) -> None:
 
 def _coefficients(c: Code, m: str, covariance: str, i: int, with_c: bool) -> None:
     """D chunk ``i`` of mixture ``m``: ``{m}_b{i}`` (and ``{m}_a{i}`` for diag)
-    [BLOCK_D, BLOCK_K]; with ``with_c``, also subtract its share of ``{m}_c``."""
+    [BLOCK_D, BLOCK_K] float32; with ``with_c``, also subtract its share of ``{m}_c``."""
     mu = f"{m}_mu{i}"
     c(f"{mu} = tl.load({m}_mean_ptr + h * {m}_mean_sh + offs_k[None, :] * {m}_mean_sk"
       f" + offs_d{i}[:, None] * {m}_mean_sd, mask=dk_ok{i}, other=0.0).to(tl.float32)"
@@ -130,22 +130,24 @@ def _coefficients(c: Code, m: str, covariance: str, i: int, with_c: bool) -> Non
     if covariance == "diag":
         c(f"{m}_rho{i} = tl.load({m}_lv_ptr + h * {m}_lv_s0 + offs_k[None, :] * {m}_lv_s1"
           f" + offs_d{i}[:, None] * {m}_lv_s2, mask=dk_ok{i}, other=0.0).to(tl.float32)",
-          f"{m}_prec{i} = tl.exp(-{m}_rho{i})",
+          f"{m}_prec{i} = tl.exp(-{m}_rho{i}.to(tl.float64))  # float64: see mixture_prologue",
           f"{m}_a{i} = (-0.5 * LOG2E) * {m}_prec{i}  # multiplies x*x")
         prec = f"{m}_prec{i}"
         if with_c:
-            c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec} + {m}_rho{i}, axis=0)")
+            c(f"{m}_c -= (0.5 * tl.sum({mu} * {mu} * {prec} + {m}_rho{i}, axis=0))"
+              f".to(tl.float32)")
     else:
         prec = f"{m}_prec[None, :]" if covariance == "spherical" else f"{m}_prec"
         if with_c:
-            c(f"{m}_c -= 0.5 * tl.sum({mu} * {mu} * {prec}, axis=0)")
+            c(f"{m}_c -= (0.5 * tl.sum({mu} * {mu} * {prec}, axis=0)).to(tl.float32)")
     c(f"{m}_b{i} = {mu} * {prec} * LOG2E  # multiplies x")
     # Subtract each row's mean over the real k: a term equal for every k cancels in
     # the softmax, and the centred coefficients (the spread of the precisions, not
     # their size) make the float32 products several times smaller, and so their
-    # rounding error: large inputs and sharp variances stay within 1e-4.
+    # rounding error.  Centred in float64, then rounded: see mixture_prologue.
     for coef in ((f"{m}_a{i}", f"{m}_b{i}") if covariance == "diag" else (f"{m}_b{i}",)):
-        c(f"{coef} -= (tl.sum(tl.where(k_ok[None, :], {coef}, 0.0), 1) * (1.0 / K))[:, None]")
+        c(f"{coef} = ({coef} - (tl.sum(tl.where(k_ok[None, :], {coef}, 0.0), 1) * (1.0 / K))"
+          f"[:, None]).to(tl.float32)")
 
 
 def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
@@ -155,15 +157,21 @@ def mixture_prologue(c: Code, m: str, covariance: str, s: Shape) -> None:
     c(f"# mixture {m}: coefficients of the expanded logits, base 2 ({covariance} covariance)")
     c(f"{m}_c = tl.load({m}_logit_ptr + h * {m}_logit_sh + offs_k * {m}_logit_sk, "
       f"mask=k_ok, other=0.0).to(tl.float32)")
+    # The precisions and their centred coefficients are computed in float64 (K x D
+    # values per program, once) and rounded afterwards.  Rounded first, a coefficient
+    # carries an error of 6e-8 of the precision itself, not of its spread over k;
+    # multiplied by x*x (|x|^2 ~ 2.6e4 for D = 64 and |x| ~ 20) that is ~1e-3 in the
+    # logits, enough to move near-tied responsibilities past the 1e-4 contract.
     if covariance == "spherical":
         c(f"{m}_rho = tl.load({m}_lv_ptr + h * {m}_lv_s0 + offs_k * {m}_lv_s1, mask=k_ok, "
           f"other=0.0).to(tl.float32)  # [BLOCK_K]",
-          f"{m}_prec = tl.exp(-{m}_rho)",
+          f"{m}_prec = tl.exp(-{m}_rho.to(tl.float64))",
           f"{m}_asq = (-0.5 * LOG2E) * {m}_prec  # multiplies x.x",
-          f"{m}_asq -= tl.sum(tl.where(k_ok, {m}_asq, 0.0)) * (1.0 / K)  # centred, see below",
+          f"{m}_asq = ({m}_asq - tl.sum(tl.where(k_ok, {m}_asq, 0.0)) * (1.0 / K))"
+          f".to(tl.float32)  # centred, see _coefficients",
           f"{m}_c -= 0.5 * D * {m}_rho")
     elif covariance == "shared":
-        c(f"{m}_prec = tl.exp(-tl.load({m}_lv_ptr + h * {m}_lv_s0).to(tl.float32))",
+        c(f"{m}_prec = tl.exp(-tl.load({m}_lv_ptr + h * {m}_lv_s0).to(tl.float64))",
           "# the x.x and rho terms are equal for every k and cancel in the softmax")
     for i in range(s.d_chunks):
         _coefficients(c, m, covariance, i, with_c=True)  # streamed: only c stays live

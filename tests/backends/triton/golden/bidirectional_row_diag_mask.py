@@ -74,12 +74,12 @@ def gma_write_fwd(
     mk_c = tl.load(mk_logit_ptr + h * mk_logit_sh + offs_k * mk_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     mk_mu0 = tl.load(mk_mean_ptr + h * mk_mean_sh + offs_k[None, :] * mk_mean_sk + offs_d0[:, None] * mk_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
     mk_rho0 = tl.load(mk_lv_ptr + h * mk_lv_s0 + offs_k[None, :] * mk_lv_s1 + offs_d0[:, None] * mk_lv_s2, mask=dk_ok0, other=0.0).to(tl.float32)
-    mk_prec0 = tl.exp(-mk_rho0)
+    mk_prec0 = tl.exp(-mk_rho0.to(tl.float64))  # float64: see mixture_prologue
     mk_a0 = (-0.5 * LOG2E) * mk_prec0  # multiplies x*x
-    mk_c -= 0.5 * tl.sum(mk_mu0 * mk_mu0 * mk_prec0 + mk_rho0, axis=0)
+    mk_c -= (0.5 * tl.sum(mk_mu0 * mk_mu0 * mk_prec0 + mk_rho0, axis=0)).to(tl.float32)
     mk_b0 = mk_mu0 * mk_prec0 * LOG2E  # multiplies x
-    mk_a0 -= (tl.sum(tl.where(k_ok[None, :], mk_a0, 0.0), 1) * (1.0 / K))[:, None]
-    mk_b0 -= (tl.sum(tl.where(k_ok[None, :], mk_b0, 0.0), 1) * (1.0 / K))[:, None]
+    mk_a0 = (mk_a0 - (tl.sum(tl.where(k_ok[None, :], mk_a0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
+    mk_b0 = (mk_b0 - (tl.sum(tl.where(k_ok[None, :], mk_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     mk_c = tl.where(k_ok, mk_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV
@@ -241,12 +241,12 @@ def gma_read_fwd(
     mq_c = tl.load(mq_logit_ptr + h * mq_logit_sh + offs_k * mq_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     mq_mu0 = tl.load(mq_mean_ptr + h * mq_mean_sh + offs_k[None, :] * mq_mean_sk + offs_d0[:, None] * mq_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
     mq_rho0 = tl.load(mq_lv_ptr + h * mq_lv_s0 + offs_k[None, :] * mq_lv_s1 + offs_d0[:, None] * mq_lv_s2, mask=dk_ok0, other=0.0).to(tl.float32)
-    mq_prec0 = tl.exp(-mq_rho0)
+    mq_prec0 = tl.exp(-mq_rho0.to(tl.float64))  # float64: see mixture_prologue
     mq_a0 = (-0.5 * LOG2E) * mq_prec0  # multiplies x*x
-    mq_c -= 0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)
+    mq_c -= (0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)).to(tl.float32)
     mq_b0 = mq_mu0 * mq_prec0 * LOG2E  # multiplies x
-    mq_a0 -= (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]
-    mq_b0 -= (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]
+    mq_a0 = (mq_a0 - (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
+    mq_b0 = (mq_b0 - (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     mq_c = tl.where(k_ok, mq_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV

@@ -69,14 +69,14 @@ def gma_write_fwd(
     # mixture mk: coefficients of the expanded logits, base 2 (spherical covariance)
     mk_c = tl.load(mk_logit_ptr + h * mk_logit_sh + offs_k * mk_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     mk_rho = tl.load(mk_lv_ptr + h * mk_lv_s0 + offs_k * mk_lv_s1, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-    mk_prec = tl.exp(-mk_rho)
+    mk_prec = tl.exp(-mk_rho.to(tl.float64))
     mk_asq = (-0.5 * LOG2E) * mk_prec  # multiplies x.x
-    mk_asq -= tl.sum(tl.where(k_ok, mk_asq, 0.0)) * (1.0 / K)  # centred, see below
+    mk_asq = (mk_asq - tl.sum(tl.where(k_ok, mk_asq, 0.0)) * (1.0 / K)).to(tl.float32)  # centred, see _coefficients
     mk_c -= 0.5 * D * mk_rho
     mk_mu0 = tl.load(mk_mean_ptr + h * mk_mean_sh + offs_k[None, :] * mk_mean_sk + offs_d0[:, None] * mk_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
-    mk_c -= 0.5 * tl.sum(mk_mu0 * mk_mu0 * mk_prec[None, :], axis=0)
+    mk_c -= (0.5 * tl.sum(mk_mu0 * mk_mu0 * mk_prec[None, :], axis=0)).to(tl.float32)
     mk_b0 = mk_mu0 * mk_prec[None, :] * LOG2E  # multiplies x
-    mk_b0 -= (tl.sum(tl.where(k_ok[None, :], mk_b0, 0.0), 1) * (1.0 / K))[:, None]
+    mk_b0 = (mk_b0 - (tl.sum(tl.where(k_ok[None, :], mk_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     mk_c = tl.where(k_ok, mk_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV
@@ -198,14 +198,14 @@ def gma_scan_fwd(
     # mixture m: coefficients of the expanded logits, base 2 (spherical covariance)
     m_c = tl.load(m_logit_ptr + h * m_logit_sh + offs_k * m_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     m_rho = tl.load(m_lv_ptr + h * m_lv_s0 + offs_k * m_lv_s1, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-    m_prec = tl.exp(-m_rho)
+    m_prec = tl.exp(-m_rho.to(tl.float64))
     m_asq = (-0.5 * LOG2E) * m_prec  # multiplies x.x
-    m_asq -= tl.sum(tl.where(k_ok, m_asq, 0.0)) * (1.0 / K)  # centred, see below
+    m_asq = (m_asq - tl.sum(tl.where(k_ok, m_asq, 0.0)) * (1.0 / K)).to(tl.float32)  # centred, see _coefficients
     m_c -= 0.5 * D * m_rho
     m_mu0 = tl.load(m_mean_ptr + h * m_mean_sh + offs_k[None, :] * m_mean_sk + offs_d0[:, None] * m_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
-    m_c -= 0.5 * tl.sum(m_mu0 * m_mu0 * m_prec[None, :], axis=0)
+    m_c -= (0.5 * tl.sum(m_mu0 * m_mu0 * m_prec[None, :], axis=0)).to(tl.float32)
     m_b0 = m_mu0 * m_prec[None, :] * LOG2E  # multiplies x
-    m_b0 -= (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]
+    m_b0 = (m_b0 - (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     m_c = tl.where(k_ok, m_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV
@@ -343,14 +343,14 @@ def gma_decode_fwd(
     # mixture m: coefficients of the expanded logits, base 2 (spherical covariance)
     m_c = tl.load(m_logit_ptr + h * m_logit_sh + offs_k * m_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     m_rho = tl.load(m_lv_ptr + h * m_lv_s0 + offs_k * m_lv_s1, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-    m_prec = tl.exp(-m_rho)
+    m_prec = tl.exp(-m_rho.to(tl.float64))
     m_asq = (-0.5 * LOG2E) * m_prec  # multiplies x.x
-    m_asq -= tl.sum(tl.where(k_ok, m_asq, 0.0)) * (1.0 / K)  # centred, see below
+    m_asq = (m_asq - tl.sum(tl.where(k_ok, m_asq, 0.0)) * (1.0 / K)).to(tl.float32)  # centred, see _coefficients
     m_c -= 0.5 * D * m_rho
     m_mu0 = tl.load(m_mean_ptr + h * m_mean_sh + offs_k[None, :] * m_mean_sk + offs_d0[:, None] * m_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
-    m_c -= 0.5 * tl.sum(m_mu0 * m_mu0 * m_prec[None, :], axis=0)
+    m_c -= (0.5 * tl.sum(m_mu0 * m_mu0 * m_prec[None, :], axis=0)).to(tl.float32)
     m_b0 = m_mu0 * m_prec[None, :] * LOG2E  # multiplies x
-    m_b0 -= (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]
+    m_b0 = (m_b0 - (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     m_c = tl.where(k_ok, m_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV

@@ -85,12 +85,12 @@ def gma_decode_fwd(
     dk_ok0 = k_ok[None, :]
     # mixture m: coefficients of the expanded logits, base 2 (shared covariance)
     m_c = tl.load(m_logit_ptr + h * m_logit_sh + offs_k * m_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
-    m_prec = tl.exp(-tl.load(m_lv_ptr + h * m_lv_s0).to(tl.float32))
+    m_prec = tl.exp(-tl.load(m_lv_ptr + h * m_lv_s0).to(tl.float64))
     # the x.x and rho terms are equal for every k and cancel in the softmax
     m_mu0 = tl.load(m_mean_ptr + h * m_mean_sh + offs_k[None, :] * m_mean_sk + offs_d0[:, None] * m_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
-    m_c -= 0.5 * tl.sum(m_mu0 * m_mu0 * m_prec, axis=0)
+    m_c -= (0.5 * tl.sum(m_mu0 * m_mu0 * m_prec, axis=0)).to(tl.float32)
     m_b0 = m_mu0 * m_prec * LOG2E  # multiplies x
-    m_b0 -= (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]
+    m_b0 = (m_b0 - (tl.sum(tl.where(k_ok[None, :], m_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     m_c = tl.where(k_ok, m_c * LOG2E, float('-inf'))
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < BLOCK_DV

@@ -61,12 +61,12 @@ def gma_responsibility_fwd(
     mq_c = tl.load(mq_logit_ptr + h * mq_logit_sh + offs_k * mq_logit_sk, mask=k_ok, other=0.0).to(tl.float32)
     mq_mu0 = tl.load(mq_mean_ptr + h * mq_mean_sh + offs_k[None, :] * mq_mean_sk + offs_d0[:, None] * mq_mean_sd, mask=dk_ok0, other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_K]
     mq_rho0 = tl.load(mq_lv_ptr + h * mq_lv_s0 + offs_k[None, :] * mq_lv_s1 + offs_d0[:, None] * mq_lv_s2, mask=dk_ok0, other=0.0).to(tl.float32)
-    mq_prec0 = tl.exp(-mq_rho0)
+    mq_prec0 = tl.exp(-mq_rho0.to(tl.float64))  # float64: see mixture_prologue
     mq_a0 = (-0.5 * LOG2E) * mq_prec0  # multiplies x*x
-    mq_c -= 0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)
+    mq_c -= (0.5 * tl.sum(mq_mu0 * mq_mu0 * mq_prec0 + mq_rho0, axis=0)).to(tl.float32)
     mq_b0 = mq_mu0 * mq_prec0 * LOG2E  # multiplies x
-    mq_a0 -= (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]
-    mq_b0 -= (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]
+    mq_a0 = (mq_a0 - (tl.sum(tl.where(k_ok[None, :], mq_a0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
+    mq_b0 = (mq_b0 - (tl.sum(tl.where(k_ok[None, :], mq_b0, 0.0), 1) * (1.0 / K))[:, None]).to(tl.float32)
     mq_c = tl.where(k_ok, mq_c * LOG2E, float('-inf'))
     q_base = q_ptr + b64 * q_sb + h64 * q_sh
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -100,13 +100,14 @@ class TritonBackend(Backend):
     def tune(self, program: Any, plan: Any, kernel: KernelPlan, binding: Any,
              options: Mapping[str, Any], strategy: str = "auto",
              tune_options: Optional[Mapping[str, Any]] = None, space: Any = None) -> Any:
-        """Tune ``kernel`` for this specialization (gmagen.autotune's loop over
-        tune.TritonRunner); returns a TuneResult."""
+        """Tune ``kernel`` for this specialization (gmagen.autotune's loop over a
+        TorchRunner); returns a TuneResult."""
         from gmagen import autotune
+        from gmagen.autotune.torch_runner import TorchRunner
 
-        from .tune import TritonRunner, tuning_space
+        from .tune import tuning_space
 
-        runner = TritonRunner(self, program, plan, kernel, binding, options)
+        runner = TorchRunner(self, program, plan, kernel, binding, options)
         dims = binding.dims
         if space is None:
             space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),

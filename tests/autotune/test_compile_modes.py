@@ -154,7 +154,7 @@ def test_triton_tuner_in_the_interpreter(fake_gpu):
     and served to the next compile; a wrong config is rejected."""
     from gmagen.autotune import Choice, Space
     from gmagen.backends.triton import BACKEND
-    from gmagen.backends.triton.tune import TritonRunner
+    from gmagen.autotune.torch_runner import TorchRunner
 
     program = gmagen.gma()
     kern = gmagen.compile(program, "triton")
@@ -169,7 +169,7 @@ def test_triton_tuner_in_the_interpreter(fake_gpu):
     assert result.tried >= 4 and not result.rejected  # the 4 candidates (+ the default)
     assert result.best["block_n"] in (16, 32, 64)  # 64: the default, kept within noise
 
-    runner = TritonRunner(BACKEND, program, kern.plan, kern.plan.kernels[1], bind, {})
+    runner = TorchRunner(BACKEND, program, kern.plan, kern.plan.kernels[1], bind, {})
     ref = runner.run(runner.compile(Config()))
     wrong = {k: tuple(x * 1.01 for x in v) for k, v in ref.items()}
     assert runner.check(ref, ref) is None and "differs" in runner.check(wrong, ref)

@@ -122,10 +122,16 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                                                             backend="cupy")
                 except gmagen.errors.GMAError as exc:  # e.g. cupy not installed: say so
                     print(f"  gmagen-cupy: {exc}", flush=True)
+            if "gmagen-tvm" in impls:
+                try:
+                    kernels["gmagen-tvm"] = tvm_kernel(args, causal)
+                except (gmagen.errors.GMAError, ImportError, OSError) as exc:
+                    print(f"  gmagen-tvm: {exc}", flush=True)
             candidates = {
                 "gmagen-triton": lambda q, k, v, m, lv, lg: kern(q, k, v, m, lv, lg),
                 "gmagen-triton-tf32": lambda q, k, v, m, lv, lg: fast(q, k, v, m, lv, lg),
                 "gmagen-cupy": lambda q, k, v, m, lv, lg: kernels["gmagen-cupy"](q, k, v, m, lv, lg),
+                "gmagen-tvm": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm"](q, k, v, m, lv, lg),
                 "sdpa-flash": lambda q, k, v, *_: _sdpa(q, k, v, causal),
                 "eager-gma": lambda *a: eager_gma(*a, causal=causal),
                 "compiled-gma": _compiled(causal),
@@ -150,7 +156,7 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                     extra = extra_bytes(fn, call_sets[0], B * N * H * D * 2)
                     rec = dict(row, impl=impl, ms=ms_graph if ms_graph is not None else ms_launch,
                                ms_launch=ms_launch, ms_graph=ms_graph, extra_bytes=extra,
-                               config=str(kernels[impl].config) if impl in kernels else "")
+                               config=str(getattr(kernels[impl], "config", "")) if impl in kernels else "")
                 except torch.OutOfMemoryError as exc:
                     rec = dict(row, impl=impl, ms=None, extra_bytes=None, error=f"OOM: {exc}"[:200])
                     torch.cuda.empty_cache()
@@ -162,6 +168,25 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
             records.append(dict(row, impl="floor", ms=row["floor_ms"], extra_bytes=0))
         del sets
         torch.cuda.empty_cache()
+
+
+TVM_SPEC = {"D": 64, "Dv": 64, "K": 64, "dtype": "bf16"}  # the benchmark shape
+
+
+def export_tvm(path: str, arch: str) -> None:
+    """One library per program (bidir/, causal/) of the benchmark's specialization."""
+    for causal in (False, True):
+        kern = gmagen.compile(gmagen.gma(causal=causal), backend="tvm",
+                              target={"kind": "cuda", "arch": arch})
+        out = kern.export(str(Path(path) / ("causal" if causal else "bidir")), TVM_SPEC)
+        print(f"exported {out}", flush=True)
+
+
+def tvm_kernel(args, causal: bool):
+    """The gmagen-tvm kernel: exported libraries (--tvm-exports) or an in-process build."""
+    if args.tvm_exports:
+        return gmagen.load(str(Path(args.tvm_exports) / ("causal" if causal else "bidir")))
+    return gmagen.compile(gmagen.gma(causal=causal), backend="tvm", target="cuda")
 
 
 def _sdpa(q, k, v, causal):
@@ -258,7 +283,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    ap.add_argument("--impls", default="gmagen-triton,gmagen-triton-tf32,gmagen-cupy,sdpa-flash,"
+    ap.add_argument("--impls", default="gmagen-triton,gmagen-triton-tf32,gmagen-cupy,gmagen-tvm,"
+                                       "sdpa-flash,"
                                        "eager-gma,compiled-gma")
     ap.add_argument("--graph-max-n", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=10)
@@ -266,7 +292,17 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[4096, 65536])
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--tvm-exports", default="",
+                    help="gmagen-tvm rows from libraries under this directory (gmagen.load), "
+                         "for a GPU machine with TVM's runtime only; else compiled in process")
+    ap.add_argument("--export-tvm", default="", metavar="DIR",
+                    help="no benchmark: export the gmagen-tvm libraries of the benchmark "
+                         "shape to DIR (a CPU machine with TVM and nvcc) and exit")
+    ap.add_argument("--tvm-arch", default="sm_90")
     args = ap.parse_args()
+    if args.export_tvm:
+        export_tvm(args.export_tvm, args.tvm_arch)
+        return
     torch.manual_seed(0)
     bw = copy_bandwidth()
     base = {"gpu": torch.cuda.get_device_name(), "versions": versions(),

@@ -11,7 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "gmagen-cupy", "sdpa-flash", "eager-gma", "compiled-gma", "floor"]
+IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "gmagen-triton-default", "gmagen-triton-tuned",
+         "gmagen-triton-exhaustive", "gmagen-cupy", "gmagen-cupy-default", "gmagen-cupy-tuned",
+         "gmagen-tvm", "sdpa-flash", "eager-gma",
+         "compiled-gma", "floor"]
 
 
 def variants(records: list[dict]) -> list[str]:

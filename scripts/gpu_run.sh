@@ -2,7 +2,10 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune]     (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned]   (OUT defaults to ./gpu_out)
+#
+# The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
+# machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
 #
 # Through the device tool: run(command="bash scripts/gpu_run.sh all").
 set -uo pipefail
@@ -20,6 +23,16 @@ PY=python3
 if ! $PY -c "import gmagen.ir" 2>/dev/null; then
   $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
     || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+fi
+# TVM's runtime alone (the machine has no TVM): the stripped package, the ffi wheel,
+# and the kernels exported on the CPU machine
+tvm_bench=()
+if [[ -d .carry/tvm/site ]]; then
+  $PY -c "import tvm_ffi" 2>/dev/null || $PY -m pip install -q --no-deps .carry/tvm/wheels/*.whl \
+      >>"$OUT/install.log" 2>&1 || echo "tvm-ffi install failed (see install.log)"
+  export TVM_USE_RUNTIME_LIB=1 PYTHONPATH="$PWD/.carry/tvm/site${PYTHONPATH:+:$PYTHONPATH}"
+  export GMAGEN_TVM_EXPORTS="$PWD/.carry/tvm/exports/tests"
+  tvm_bench=(--tvm-exports "$PWD/.carry/tvm/exports/bench")
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
@@ -40,7 +53,7 @@ if [[ "$mode" == all || "$mode" == tests || "$mode" == quick ]]; then
   fi
 fi
 if [[ "$mode" == all || "$mode" == bench ]]; then
-  timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/bench_triton.py --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/bench_triton.py --out "$OUT/bench.json" "${tvm_bench[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 if [[ "$mode" == all || "$mode" == train ]]; then
   timeout "${TRAIN_TIMEOUT:-300}" $PY benchmarks/bench_training.py --out "$OUT/bench_training.json" \
@@ -54,6 +67,17 @@ if [[ "$mode" == tune ]]; then
   # the causal program; --export writes every entry of this GPU (both programs)
   timeout "${TUNE_TIMEOUT:-280}" $PY -m gmagen.cli.main tune --causal --budget "${TUNE_BUDGET:-20}" \
       --export "$OUT/autotune_export.json" 2>&1 | tee -a "$OUT/tune.log" | tail -12
+fi
+if [[ "$mode" == tuned ]]; then
+  # benchmarks/bench_tuned.py: tune the grid, default/tuned/exhaustive rows, latencies,
+  # the cache export; TUNED_ARGS picks steps (--steps) and budgets.  A later call takes
+  # up the caches and records of an earlier one carried as .carry/tuned/
+  [[ -d .carry/tuned/tuned-work ]] && cp -r .carry/tuned/tuned-work "$OUT/"
+  [[ -f .carry/tuned/tuned.json ]] && cp .carry/tuned/tuned.json "$OUT/"
+  timeout "${TUNE_TIMEOUT:-560}" $PY benchmarks/bench_tuned.py --out "$OUT/tuned.json" \
+      --work "$OUT/tuned-work" --export "$OUT/autotune_export.json" ${TUNED_ARGS:-} 2>&1 \
+      | tee "$OUT/tuned.log" | tail -60
+  status=${PIPESTATUS[0]}
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

@@ -111,7 +111,8 @@ class TritonBackend(Backend):
         dims = binding.dims
         if space is None:
             space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
-                                 dims.get("Dv", 64), dims.get("K", 64))
+                                 dims.get("Dv", 64), dims.get("K", 64),
+                                 binding.dtypes.get("T", "f32"))
         return autotune.tune(space, runner, strategy, tune_options)
 
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
@@ -125,9 +126,11 @@ class TritonBackend(Backend):
             import torch
 
             sm_count = torch.cuda.get_device_properties(binding.device[1]).multi_processor_count
-        full = self.default_config(kernel, binding).replace(**dict(config))
-        return TritonExecutable(kernel, binding, space.validate(kernel.kind, full), options,
-                                interpret, sm_count)
+        full = space.validate(kernel.kind, self.default_config(kernel, binding).replace(
+            **dict(config)))
+        if not interpret:  # the interpreter runs float32 only
+            space.check_for_dtype(kernel.kind, full, binding.dtypes.get("T", "f32"))
+        return TritonExecutable(kernel, binding, full, options, interpret, sm_count)
 
     def describe(self) -> str:
         return ("triton: CUDA (f32/f16/bf16) and the CPU interpreter (f32); every variant, "

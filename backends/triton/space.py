@@ -31,6 +31,17 @@ KNOBS: dict[str, dict[str, tuple]] = {
 }
 
 
+# The causal scan with 16-bit tokens, 4 warps, 64-token chunks and a Dv tile
+# narrower than 64 computes garbage (|y| ~ 1e30) or faults with an illegal
+# address on an H100 (Triton 3.6, sm_90); the same tiles in float32, with 8 or 2
+# warps, or with chunks of 16 or 32 are right (tests/gpu/test_triton_configs.py
+# found it; probe matrix in the commit message).  A Triton code-generation bug
+# for the warp-group MMA with an N = 16/32 operand is the likely cause; it was not
+# isolated further.  So 16-bit scans use Dv tiles of at least 64 (a narrower Dv is
+# masked), which every GPU test covers, on every Triton version until re-checked.
+SCAN_MIN_BLOCK_DV_16BIT = 64
+
+
 def pow2_at_least(x: int, lo: int = 16) -> int:
     p = lo
     while p < x:
@@ -55,7 +66,19 @@ def default_config(kind: str, D: int, Dv: int, K: int, dtype: str) -> Config:
         cfg.update(block_n=32, num_stages=1)
     if kind == "scan":
         cfg.update(decode_max_n=16)
+        if dtype in ("f16", "bf16"):
+            cfg.update(block_dv=max(block_dv, SCAN_MIN_BLOCK_DV_16BIT))
     return Config(cfg)
+
+
+def check_for_dtype(kind: str, config: Config, dtype: str) -> None:
+    """Raise for a config that is known wrong for this token dtype on CUDA."""
+    if kind == "scan" and dtype in ("f16", "bf16") and \
+            int(config.get("block_dv", SCAN_MIN_BLOCK_DV_16BIT)) < SCAN_MIN_BLOCK_DV_16BIT:
+        raise OptionError(
+            f"triton scan config block_dv={config['block_dv']} with {dtype} tokens: expected "
+            f"block_dv >= {SCAN_MIN_BLOCK_DV_16BIT} (narrower Dv tiles give wrong results on "
+            f"sm_90 with Triton 3.6; see SCAN_MIN_BLOCK_DV_16BIT in backends/triton/space.py)")
 
 
 def validate(kind: str, config: Config) -> Config:

@@ -13,9 +13,11 @@ from . import space as _space
 TUNED = ("block_n", "block_d", "block_dv", "num_warps", "num_stages")
 
 
-def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int) -> Space:
-    """The tuned knobs of ``kind`` (KNOBS in space.py, tiles no wider than the head)
-    around ``default``; segments and decode_max_n keep their defaults."""
+def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
+                 dtype: str = "f32") -> Space:
+    """The tuned knobs of ``kind`` (KNOBS in space.py, tiles no wider than the head,
+    none that space.check_for_dtype refuses for ``dtype``) around ``default``;
+    segments and decode_max_n keep their defaults."""
     knobs = {}
     for name in TUNED:
         allowed = _space.KNOBS[kind].get(name)
@@ -23,6 +25,8 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int) -> Space:
             continue
         cap = {"block_d": _space.pow2_at_least(D), "block_dv": _space.pow2_at_least(Dv)}
         values = [v for v in allowed if v <= cap.get(name, v)] or [default[name]]
+        if name == "block_dv" and kind == "scan" and dtype in ("f16", "bf16"):
+            values = [v for v in values if v >= _space.SCAN_MIN_BLOCK_DV_16BIT]
         if default[name] not in values:
             values.append(default[name])
         knobs[name] = Choice(sorted(values), default=default[name])

@@ -163,6 +163,17 @@ def test_hard_cases(hard, causal):
             _check(gmagen.gma(causal=causal), arrs, dtype, name=f"{hard}-{causal}")
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("Dv", [16, 32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_narrow_values(causal, Dv, dtype):
+    """Dv below one 64-wide tile, default configs: the 16-bit causal scan once
+    computed |y| ~ 1e30 here (space.SCAN_MIN_BLOCK_DV_16BIT)."""
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 300, 4, 64, Dv, 64, "diag", dtype)
+    _check(gmagen.gma(causal=causal), arrs, dtype, name=f"narrow-Dv{Dv}-{causal}")
+
+
 @pytest.mark.parametrize("covariance", ["diag", "spherical", "shared"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_inputs_float32(covariance, causal):

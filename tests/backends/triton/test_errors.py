@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import gmagen
+from gmagen.config import Config
 from gmagen.errors import DTypeError, OptionError, UnsupportedFeature
 
 _TRITON = gmagen.available_backends()["triton"]
@@ -101,3 +102,25 @@ def test_unknown_option(options, word):
     with pytest.raises(OptionError, match=word) as info:
         gmagen.compile(gmagen.gma(), backend="triton", **options)
     assert "precision" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_scan_narrow_dv_tiles_refused_for_16_bit(dtype):
+    """Scan Dv tiles < 64 with 16-bit tokens computed garbage on an H100 (space.py's
+    SCAN_MIN_BLOCK_DV_16BIT): the default widens them, the tuner never proposes
+    them, and an explicit config is refused naming the knob and the bound."""
+    from gmagen.backends.triton import space, tune
+
+    for Dv in (16, 32, 64):
+        assert space.default_config("scan", 64, Dv, 64, dtype)["block_dv"] == 64
+        assert space.default_config("scan", 64, Dv, 64, "f32")["block_dv"] == min(64, max(16, Dv))
+        default = space.default_config("scan", 64, Dv, 64, dtype)
+        assert tune.tuning_space("scan", default, 64, Dv, 64, dtype).knobs["block_dv"].values() \
+            == (64,)
+    with pytest.raises(OptionError, match=r"block_dv=32 with %s tokens: expected block_dv >= 64"
+                       % dtype):
+        space.check_for_dtype("scan", space.default_config("scan", 64, 64, 64, dtype).replace(
+            block_dv=32), dtype)
+    space.check_for_dtype("scan", space.default_config("scan", 64, 64, 64, "f32").replace(
+        block_dv=32), "f32")                                  # float32: right, allowed
+    space.check_for_dtype("write", Config(block_dv=32), dtype)  # bidirectional: allowed

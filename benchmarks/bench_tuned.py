@@ -85,6 +85,25 @@ def time_interleaved(fns: dict, sets: list, warmup: int = 3, reps: int = 20) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+GRAPH_STEPS = 20
+
+
+def graph_of(fn, sets: list):
+    """``GRAPH_STEPS`` calls (inputs rotating) captured in one CUDA graph, after a
+    warm-up on a side stream (bench_triton._graph_ms)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(*sets[i % len(sets)])
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(GRAPH_STEPS):
+            fn(*sets[i % len(sets)])
+    return g
+
+
 def compiled(backend: str, causal: bool, mode: str, cache_dir: Path, args: tuple):
     """A kernel whose configs come from ``cache_dir``: they are looked up at the
     first call of a specialization, which is made here."""
@@ -153,6 +172,7 @@ def main() -> None:
                     metavar="VARIANT:N", help="rows that also get an exhaustive search")
     ap.add_argument("--exhaustive-budget", type=float, default=240.0)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--graph-max-n", type=int, default=16384)
     ap.add_argument("--steps", default="tune,exhaustive,bench,latency",
                     help="which of tune, exhaustive, bench, latency to run; the caches live "
                          "under --work, so that a later call can take up where one stopped")
@@ -212,10 +232,19 @@ def main() -> None:
             kernels["gmagen-triton-exhaustive"] = compiled("triton", causal, "cached", exh_dir,
                                                            sets[0])
         fns = {name: (lambda *a, k=kern: k(*a)) for name, kern in kernels.items()}
-        ms = time_interleaved(fns, sets, reps=args.reps)
+        timing = "launch"
+        if N <= args.graph_max_n:  # as bench_triton.py: graph replays, launch overhead out
+            graphs = {name: graph_of(fn, sets) for name, fn in fns.items()}
+            ms = {name: t / GRAPH_STEPS for name, t in time_interleaved(
+                {name: g.replay for name, g in graphs.items()}, [()], reps=args.reps).items()}
+            timing = f"graph of {GRAPH_STEPS} calls"
+            del graphs
+        else:
+            ms = time_interleaved(fns, sets, reps=args.reps)
         io_bytes = 4 * B * N * H * D * 2
         for name, kern in kernels.items():
             records.append(dict(base, kind="bench", impl=name, variant=variant, N=N, ms=ms[name],
+                                timing=timing,
                                 floor_ms=io_bytes / bw * 1e3, input_bytes=3 * B * N * H * D * 2,
                                 config=str(kern.config)))
             print(f"{name:26s} {variant:13s} N={N:6d} {ms[name]:.4f} ms  {kern.config}",
@@ -224,9 +253,14 @@ def main() -> None:
         torch.cuda.empty_cache()
         flush()
     if "latency" in steps:  # 4: latencies, over the keys the tuned cache holds
-        keys = list(autotune.AutotuneCache(tuned_dir, shipped=[]).entries(gpu)["user"])
+        os.environ["GMAGEN_CACHE_DIR"] = str(tuned_dir)
+        user_dir = autotune.cache.default_directory()   # <GMAGEN_CACHE_DIR>/autotune
+        keys = list(autotune.AutotuneCache(user_dir, shipped=[]).entries(gpu)["user"])
         if keys:
-            records.append(dict(base, kind="cache_lookup", **lookup_ms(tuned_dir, keys)))
+            records.append(dict(base, kind="cache_lookup", **lookup_ms(user_dir, keys)))
+            print(f"cache lookup: {records[-1]}", flush=True)
+        else:
+            print(f"cache lookup: no entries under {user_dir}", flush=True)
     triton_cache = Path(tempfile.mkdtemp(prefix="triton-cache-"))  # empty: "cold" first
     for causal in ((False, True) if "latency" in steps else ()):
         for state in ("cold", "warm"):  # the same Triton cache directory, twice

@@ -294,7 +294,18 @@ class Session:
             if not batch:
                 return []
         t0 = self.runner.now()
-        timed = [c for c in batch if self._prepare(c) is None]
+        timed, prepared = [], 0
+        for c in batch:
+            # compile times vary by config and the default's may have come from a
+            # disk cache: check the deadline before each compile, not once per batch
+            if prepared and self.remaining() < self._final_cost() + (len(timed) + 2) \
+                    * self._samples_per_candidate() * self._cost_per_sample:
+                self.stopped = True
+                break
+            prepared += 1
+            if self._prepare(c) is None:
+                timed.append(c)
+        batch = batch[:prepared]
         if timed:
             repeats = int(self.options["repeats"])
             t1 = self.runner.now()

@@ -52,6 +52,27 @@ def test_budget_is_respected(budget):
     assert result.best_time.median_ms <= result.default_time.median_ms
 
 
+class CachedDefault(FakeRunner):
+    """The default compiles instantly (Triton's disk cache had it), candidates
+    take 4 s each: the per-candidate estimate from the default is far too low."""
+
+    def compile(self, config):
+        if config == self.default:
+            self.compiled.append(config)
+            return config
+        return super().compile(config)
+
+
+def test_budget_holds_when_the_default_compile_was_cached():
+    """Found on an H100: a 10 s budget took 42.6 s (8 scan candidates compiled in
+    one batch at ~4 s each).  The deadline is checked before every compile."""
+    runner = CachedDefault(default=Config(block_n=64, num_warps=4, num_stages=2, block_d=32),
+                           compile_s=4.0)
+    result = random_local.tune(tile_space(block_d=True), runner, {"budget_s": 10.0})
+    assert result.elapsed_s <= 10.0 + 4.0   # at most one compile past the deadline
+    assert not result.complete and result.tried >= 2
+
+
 def test_fast_wrong_config_is_rejected_and_reported():
     cheat = Config(block_n=32, num_warps=2, num_stages=1)
     oor = Config(block_n=256, num_warps=8, num_stages=3)

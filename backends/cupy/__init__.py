@@ -10,7 +10,7 @@ machine; running needs a CUDA device.  Nothing heavy is imported here.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from gmagen.config import Config
 from gmagen.errors import OptionError
@@ -95,6 +95,43 @@ class CupyBackend(Backend):
         K = dims.get("K", 64)
         return space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
                                     binding.dtypes.get("T", "f32"))
+
+    def tuning_device(self, binding: Any) -> Optional[dict[str, Any]]:
+        """Tuned configs are per GPU, and need torch (the tuner's runner and its
+        CUDA-event timing run on torch tensors)."""
+        if binding.device[0] != "cuda" or not _has_torch():
+            return None
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(binding.device[1])
+        name = props["name"]
+        return {"gpu": name.decode() if isinstance(name, bytes) else str(name),
+                "capability": (int(props["major"]), int(props["minor"])),
+                "sm_count": int(props["multiProcessorCount"]),
+                "backend_version": cupy.__version__}
+
+    def validate_config(self, kernel: KernelPlan, config: Config) -> Config:
+        from . import space
+
+        return space.validate(kernel.kind, config)
+
+    def tune(self, program: Any, plan: Any, kernel: KernelPlan, binding: Any,
+             options: Mapping[str, Any], strategy: str = "auto",
+             tune_options: Optional[Mapping[str, Any]] = None, space: Any = None) -> Any:
+        """Tune ``kernel`` for this specialization (gmagen.autotune's loop over a
+        TorchRunner); returns a TuneResult."""
+        from gmagen import autotune
+        from gmagen.autotune.torch_runner import TorchRunner
+
+        from .tune import tuning_space
+
+        runner = TorchRunner(self, program, plan, kernel, binding, options)
+        dims = binding.dims
+        if space is None:
+            K = dims.get("K", 64)
+            space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
+                                 dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
+        return autotune.tune(space, runner, strategy, tune_options)
 
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
               options: Mapping[str, Any]) -> Executable:

@@ -255,7 +255,8 @@ def main() -> None:
     if "latency" in steps:  # 4: latencies, over the keys the tuned cache holds
         os.environ["GMAGEN_CACHE_DIR"] = str(tuned_dir)
         user_dir = autotune.cache.default_directory()   # <GMAGEN_CACHE_DIR>/autotune
-        keys = list(autotune.AutotuneCache(user_dir, shipped=[]).entries(gpu)["user"])
+        held = autotune.AutotuneCache(user_dir).entries(gpu)   # user, then shipped
+        keys = list(dict.fromkeys(k for source in held.values() for k in source))
         if keys:
             records.append(dict(base, kind="cache_lookup", **lookup_ms(user_dir, keys)))
             print(f"cache lookup: {records[-1]}", flush=True)

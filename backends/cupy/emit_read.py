@@ -8,14 +8,14 @@ and sweeps segment p of the queries.
 
 from __future__ import annotations
 
-from .prelude import (Emitted, finish, Code, Tiles, Variant, bh_indices, kernel_open, mixture_params,
-                      mixture_setup, responsibilities, segment_range, smem_declare, token_base,
-                      token_params)
+from .mixture import coefficient_params, mixture_setup, responsibilities
+from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open, segment_range,
+                      smem_declare, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c = Code()
-    params = token_params("q") + mixture_params("mq", v.q_covariance)
+    params = token_params("q") + coefficient_params("mq", v.q_covariance)
     params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
                "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
                "long long n_sh", "long long n_sk"]

@@ -6,13 +6,14 @@ responsibilities of BLOCK_N rows and stores them through R's strides.
 
 from __future__ import annotations
 
-from .prelude import (Emitted, finish, Code, Tiles, Variant, bh_indices, kernel_open, mixture_params,
-                      mixture_setup, responsibilities, smem_declare, token_base, token_params)
+from .mixture import coefficient_params, mixture_setup, responsibilities
+from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open, smem_declare,
+                      token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c = Code()
-    params = (token_params("q") + mixture_params("mq", v.q_covariance)
+    params = (token_params("q") + coefficient_params("mq", v.q_covariance)
               + ["float* __restrict__ r_ptr", "long long r_sb", "long long r_sn", "long long r_sh",
                  "long long r_sk", "long long N", "int H"])
     kernel_open(c, "gma_responsibility_fwd", params, "(token tiles, B*H)")

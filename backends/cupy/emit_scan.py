@@ -17,10 +17,10 @@ final state.
 
 from __future__ import annotations
 
-from .prelude import (Emitted, finish, MASK_PARAMS, Code, Tiles, Variant, bh_indices, kernel_open,
-                      load_v_tile, mixture_params, mixtures, mixture_setup, responsibilities,
-                      segment_range, smem_declare, state_store, state_update, token_base,
-                      token_params)
+from .mixture import coefficient_params, mixture_setup, responsibilities
+from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
+                      load_v_tile, mixtures, segment_range, smem_declare, state_store,
+                      state_update, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
@@ -32,7 +32,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     if v.mask:
         params += MASK_PARAMS
     for m, cov, _ in mixes:
-        params += mixture_params(m, cov)
+        params += coefficient_params(m, cov)
     if v.init:
         params += ["const A_t* __restrict__ s0_ptr", "long long s0_sb", "long long s0_sh",
                    "long long s0_sk", "long long s0_sdv", "const A_t* __restrict__ n0_ptr",

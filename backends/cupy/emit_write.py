@@ -10,10 +10,10 @@ kernel for the states its segments start from.
 
 from __future__ import annotations
 
-from .prelude import (Emitted, finish, MASK_PARAMS, Code, Tiles, Variant, bh_indices, kernel_open,
-                      load_v_tile, mixture_params, mixture_setup, responsibilities, segment_range,
-                      smem_declare, state_store, state_update, state_zero, token_base,
-                      token_params)
+from .mixture import coefficient_params, mixture_setup, responsibilities
+from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
+                      load_v_tile, segment_range, smem_declare, state_store, state_update,
+                      state_zero, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
@@ -21,7 +21,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     params = token_params("k") + token_params("v")
     if v.mask:
         params += MASK_PARAMS
-    params += mixture_params("mk", v.k_covariance)
+    params += coefficient_params("mk", v.k_covariance)
     params += ["float* __restrict__ s_ptr", "long long s_sp", "long long s_sbh", "long long s_sk",
                "long long s_sdv", "float* __restrict__ n_ptr", "long long n_sp", "long long n_sbh",
                "long long n_sk", "long long N", "int H", "long long SEG"]

@@ -8,6 +8,11 @@ Each plan kind becomes one or more generated kernels (one NVRTC unit each):
   scan            gma_write_fwd for the states entering segments 1.. (if > 1 segment),
                   then gma_scan_fwd
 
+Before them, ``gma_coefficients`` runs once per call for each mixture the plan
+reads (the queries', and the keys' when they have their own), writing the
+centred logit coefficients into a float32 scratch buffer that every kernel of
+the call reads (mixture.py's docstring says why they are computed apart).
+
 Lowering generates and compiles for ``arch`` (the option, else the device's),
 which needs no GPU; running loads the cubins on the call's device and
 launches on the caller's stream.
@@ -24,12 +29,15 @@ from gmagen.ir import ops as _ops
 from gmagen.ir.passes.plan import KernelPlan
 
 from ..base import Executable
-from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, space
+from . import (emit_coefficients, emit_read, emit_responsibility, emit_scan, emit_write, launch,
+               space)
 from .nvrtc import Compiled
-from .prelude import KERNEL_NAMES, Emitted, Variant
+from .mixture import coefficient_arrays
+from .prelude import Emitted, Variant
 
 _EMITTERS = {"responsibility": emit_responsibility.emit, "write": emit_write.emit,
-             "reduce": emit_write.emit_reduce, "read": emit_read.emit, "scan": emit_scan.emit}
+             "reduce": emit_write.emit_reduce, "read": emit_read.emit, "scan": emit_scan.emit,
+             "coefficients": emit_coefficients.emit}
 _UNITS = {"responsibility": ["responsibility"], "write": ["write", "reduce"], "read": ["read"],
           "scan": ["write", "scan"]}
 
@@ -94,6 +102,14 @@ class CupyExecutable(Executable):
                                          f"responsibility op produces; the cupy kernels compute "
                                          f"responsibilities on the fly")
             self.resp[field] = op  # type: ignore[assignment]
+        # the mixtures whose coefficients a call computes: "q", and "k" when the keys
+        # have their own (a scan of one mixture reads the queries' for both)
+        rq = self.resp.get("rq") or self.resp.get("r") or self.resp.get("x")
+        rk = self.resp.get("rk")
+        role = "k" if self.kind == "write" else "q"
+        self.mixture_ops: dict[str, _ops.Responsibility] = {role: rq}  # type: ignore[dict-item]
+        if rk is not None and _mixture(rk) != _mixture(rq):
+            self.mixture_ops["k"] = rk
         dims = binding.dims
         D, K = dims["D"], dims["K"]
         Dv = dims.get("Dv", K)
@@ -101,12 +117,15 @@ class CupyExecutable(Executable):
             raise UnsupportedFeature(f"cupy backend: K={K} mixture components; at most "
                                      f"{space.MAX_K} are supported (a tile holds all K)")
         self.dims = (D, Dv, K)
-        self.variants = {unit: self._variant(unit, binding) for unit in _UNITS[self.kind]}
+        self.variants = {f"coefficients_{role}": emit_coefficients.coefficient_variant(
+            D, K, binding.dtypes.get("P", "f32"), op.covariance)
+            for role, op in self.mixture_ops.items()}
+        self.variants.update({unit: self._variant(unit, binding) for unit in _UNITS[self.kind]})
         main_variant = self.variants["scan" if self.kind == "scan" else _UNITS[self.kind][0]]
         self.config = space.validate(self.kind, config, main_variant)
         tiles = space.tiles_of(self.config)
         cfg = dict(self.config)
-        self.emitted: dict[str, Emitted] = {u: _EMITTERS[u](v, tiles, cfg)
+        self.emitted: dict[str, Emitted] = {u: _EMITTERS[v.kind](v, tiles, cfg)
                                             for u, v in self.variants.items()}
         self.compiled: dict[str, Compiled] = {u: launch.build(e, arch)
                                               for u, e in self.emitted.items()}
@@ -121,7 +140,7 @@ class CupyExecutable(Executable):
         D, Dv, K = self.dims
         rq = self.resp.get("rq") or self.resp.get("r") or self.resp.get("x")
         rk = self.resp.get("rk") or rq
-        same = (rq.mean, rq.log_var, rq.logit) == (rk.mean, rk.log_var, rk.logit)
+        same = _mixture(rq) == _mixture(rk)
         state = getattr(self.main, "memory", None) or getattr(self.main, "initial_state", None)
         state_dtype = binding.input_dtypes.get(state, "f32") if state else "f32"
         mask = getattr(self.main, "key_mask", None) in binding.present
@@ -135,7 +154,7 @@ class CupyExecutable(Executable):
     # -- running -------------------------------------------------------------
     def _launch(self, unit: str, grid: tuple, args: dict, stream: Any, device: int) -> None:
         emitted = self.emitted[unit]
-        fn = launch.function(self.compiled[unit], KERNEL_NAMES[unit], device)
+        fn = launch.function(self.compiled[unit], emitted.name, device)
         launch.launch(fn, emitted, grid, args, stream, device)
 
     def _segments(self, N: int, BH: int, dv_blocks: int, device: int) -> int:
@@ -156,34 +175,55 @@ class CupyExecutable(Executable):
         with cupy.cuda.Device(device):
             stream = caller_stream(binding, device)
             with stream, _torch_stream(x, stream):
-                if self.kind == "responsibility":
-                    return self._run_responsibility(env, x, stream, device)
-                if self.kind == "write":
-                    return self._run_write(env, x, stream, device)
-                if self.kind == "read":
-                    return self._run_read(env, x, stream, device)
-                return self._run_scan(env, x, stream, device)
+                coef = self._coefficients(env, x, token_shape(x, self.layout)[2], stream, device)
+                run = {"responsibility": self._run_responsibility, "write": self._run_write,
+                       "read": self._run_read, "scan": self._run_scan}[self.kind]
+                return run(env, x, coef, stream, device)
 
-    def _mix(self, env: dict, prefix: str, op: _ops.Responsibility) -> dict:
-        return mixture_args(prefix, env[op.mean], env[op.log_var], env[op.logit])
+    def _coefficients(self, env: dict, like: Any, H: int, stream: Any, device: int) -> dict:
+        """gma_coefficients of each mixture: role -> {name: float32 array} (a, b, c,
+        asq; see mixture.coefficient_arrays), all of a mixture in one scratch buffer."""
+        D, _, K = self.dims
+        sizes = {"HKD": H * K * D, "HK": H * K}
+        out: dict[str, dict[str, Any]] = {}
+        for role, op in self.mixture_ops.items():
+            unit = f"coefficients_{role}"
+            arrays = coefficient_arrays(op.covariance)
+            buf = launch.empty(like, (sum(sizes[shape] for _, shape in arrays),), "f32")
+            views, at = {}, 0
+            for name, shape in arrays:
+                views[name] = buf[at:at + sizes[shape]]
+                at += sizes[shape]
+            args = mixture_args("m", env[op.mean], env[op.log_var], env[op.logit])
+            args.update({f"{name}_ptr": view for name, view in views.items()})
+            nwarps = self.emitted[unit].threads // 32
+            self._launch(unit, (H, cdiv(D, 32) + cdiv(K, nwarps), 1), args, stream, device)
+            out[role] = views
+        return out
 
-    def _run_responsibility(self, env, x, stream, device) -> dict:
+    @staticmethod
+    def _mix(prefix: str, coefficients: dict[str, Any]) -> dict:
+        """Kernel arguments of mixture ``prefix``: its coefficients."""
+        return {f"{prefix}_{name}": view for name, view in coefficients.items()}
+
+    def _run_responsibility(self, env, x, coef, stream, device) -> dict:
         B, N, H, _ = token_shape(x, self.layout)
         K = self.dims[2]
         out = launch.empty(x, (B, N, H, K) if self.layout == "bnhd" else (B, H, N, K), "f32")
         ra = token_args("r", out, self.layout)
-        args = {**token_args("q", x, self.layout), **self._mix(env, "mq", self.main),
+        args = {**token_args("q", x, self.layout), **self._mix("mq", coef["q"]),
                 "r_ptr": out, "r_sb": ra["r_sb"], "r_sn": ra["r_sn"], "r_sh": ra["r_sh"],
                 "r_sk": ra["r_sd"], "N": N, "H": H}
         bn = int(self.config["block_n"])
         self._launch("responsibility", (max(1, cdiv(N, bn)), B * H, 1), args, stream, device)
         return {self.main.out: out}
 
-    def _write(self, env, k_tok, v_tok, mask, op, N, H, BH, P, seg, s, n, s_strides, n_strides,
+    def _write(self, k_tok, v_tok, mask, ck, N, H, BH, P, seg, s, n, s_strides, n_strides,
                stream, device) -> None:
-        """gma_write_fwd of segments 0..P-1 (``seg`` tokens each) into s / n."""
+        """gma_write_fwd of segments 0..P-1 (``seg`` tokens each) into s / n; ``ck``:
+        the coefficients of the keys' mixture."""
         args = {**token_args("k", k_tok, self.layout), **token_args("v", v_tok, self.layout),
-                **self._mix(env, "mk", op), "s_ptr": s, "n_ptr": n, "N": N, "H": H, "SEG": seg}
+                **self._mix("mk", ck), "s_ptr": s, "n_ptr": n, "N": N, "H": H, "SEG": seg}
         args.update(zip(("s_sp", "s_sbh", "s_sk", "s_sdv"), s_strides))
         args.update(zip(("n_sp", "n_sbh", "n_sk"), n_strides))
         if mask is not None:
@@ -192,7 +232,7 @@ class CupyExecutable(Executable):
         dvb = cdiv(self.dims[1], int(self.config["block_dv"]))
         self._launch("write", (BH, P, dvb), args, stream, device)
 
-    def _run_write(self, env, k_tok, stream, device) -> dict:
+    def _run_write(self, env, k_tok, coef, stream, device) -> dict:
         main: _ops.SlotWrite = self.main  # type: ignore[assignment]
         B, N, H, _ = token_shape(k_tok, self.layout)
         D, Dv, K = self.dims
@@ -205,12 +245,12 @@ class CupyExecutable(Executable):
         mask = env.get(main.key_mask) if self.variants["write"].mask else None
         v_tok = env[main.v]
         if P == 1:  # one segment: write the memory directly
-            self._write(env, k_tok, v_tok, mask, self.resp["r"], N, H, BH, 1, seg, S, n,
+            self._write(k_tok, v_tok, mask, coef["k"], N, H, BH, 1, seg, S, n,
                         (0, K * Dv, Dv, 1), (0, K, 1), stream, device)
             return {main.out: (S, n)}
         ps = launch.empty(k_tok, (P, BH, K, Dv), "f32")
         pn = launch.empty(k_tok, (P, BH, K), "f32")
-        self._write(env, k_tok, v_tok, mask, self.resp["r"], N, H, BH, P, seg, ps, pn,
+        self._write(k_tok, v_tok, mask, coef["k"], N, H, BH, P, seg, ps, pn,
                     (BH * K * Dv, K * Dv, Dv, 1), (BH * K, K, 1), stream, device)
         args = {"ps": ps, "pn": pn, "s_ptr": S, "s_sbh": K * Dv, "s_sk": Dv, "s_sdv": 1,
                 "n_ptr": n, "n_sbh": K, "n_sk": 1, "BH": BH, "NSEG": P}
@@ -218,7 +258,7 @@ class CupyExecutable(Executable):
                      stream, device)
         return {main.out: (S, n)}
 
-    def _run_read(self, env, q_tok, stream, device) -> dict:
+    def _run_read(self, env, q_tok, coef, stream, device) -> dict:
         main: _ops.SlotRead = self.main  # type: ignore[assignment]
         B, N, H, _ = token_shape(q_tok, self.layout)
         D, Dv, K = self.dims
@@ -228,7 +268,7 @@ class CupyExecutable(Executable):
         dvb = cdiv(Dv, bdv)
         P = self._segments(N, B * H, dvb, device)
         seg = cdiv(cdiv(N, bn), P) * bn
-        args = {**token_args("q", q_tok, self.layout), **self._mix(env, "mq", self.resp["r"]),
+        args = {**token_args("q", q_tok, self.layout), **self._mix("mq", coef["q"]),
                 **token_args("y", y, self.layout), "s_ptr": S, "n_ptr": n, "N": N, "H": H,
                 "SEG": seg}
         args.update(zip(("s_sb", "s_sh", "s_sk", "s_sdv"), launch.strides(S)))
@@ -236,10 +276,11 @@ class CupyExecutable(Executable):
         self._launch("read", (B * H, P, dvb), args, stream, device)
         return {main.out: y}
 
-    def _run_scan(self, env, q_tok, stream, device) -> dict:
+    def _run_scan(self, env, q_tok, coef, stream, device) -> dict:
         main: _ops.CausalScan = self.main  # type: ignore[assignment]
-        rq, rk = self.resp["rq"], self.resp["rk"]
-        k_tok, v_tok = env[rk.x], env[main.v]
+        k_tok, v_tok = env[self.resp["rk"].x], env[main.v]
+        cq = coef["q"]
+        ck = coef.get("k", cq)  # one mixture: the queries' coefficients serve the keys
         B, N, H, _ = token_shape(q_tok, self.layout)
         D, Dv, K = self.dims
         BH = B * H
@@ -257,7 +298,7 @@ class CupyExecutable(Executable):
             # memories of segments 0..P-2 of the keys; the last one's is never needed
             ps = launch.empty(q_tok, (P - 1, BH, K, Dv), "f32")
             pn = launch.empty(q_tok, (P - 1, BH, K), "f32")
-            self._write(env, k_tok, v_tok, mask, rk, N, H, BH, P - 1, seg, ps, pn,
+            self._write(k_tok, v_tok, mask, ck, N, H, BH, P - 1, seg, ps, pn,
                         (BH * K * Dv, K * Dv, Dv, 1), (BH * K, K, 1), stream, device)
         args = {**token_args("q", q_tok, self.layout), **token_args("k", k_tok, self.layout),
                 **token_args("v", v_tok, self.layout), **token_args("y", y, self.layout),
@@ -267,10 +308,10 @@ class CupyExecutable(Executable):
             args.update(mask_ptr=mask, mask_sb=launch.strides(mask)[0],
                         mask_sn=launch.strides(mask)[1])
         if v.same_mixture:
-            args.update(self._mix(env, "m", rq))
+            args.update(self._mix("m", cq))
         else:
-            args.update(self._mix(env, "mq", rq))
-            args.update(self._mix(env, "mk", rk))
+            args.update(self._mix("mq", cq))
+            args.update(self._mix("mk", ck))
         if v.init:
             s0, n0 = env[main.initial_state]
             args.update(s0_ptr=s0, n0_ptr=n0)
@@ -278,6 +319,11 @@ class CupyExecutable(Executable):
             args.update(zip(("n0_sb", "n0_sh", "n0_sk"), launch.strides(n0)))
         self._launch("scan", (BH, P, dvb), args, stream, device)
         return {main.out: y, main.state_out: (S, n)}
+
+
+def _mixture(op: _ops.Responsibility) -> tuple[str, str, str]:
+    """The parameter names of a responsibility op's mixture (equal: one mixture)."""
+    return (op.mean, op.log_var, op.logit)
 
 
 def _torch_stream(x: Any, stream: Any) -> Any:

@@ -3,26 +3,19 @@
 A generated kernel is one translation unit: a header comment, the dtype
 typedefs, the size constants of its specialization (``constexpr``), the device
 helpers below, and one ``extern "C" __global__`` kernel whose body the
-emitters write from these building blocks.  All arithmetic is float32.
+emitters write from these building blocks.  All arithmetic is float32, except
+in ``gma_coefficients``.
 
-Responsibilities use GMA_SPEC's direct form, in base 2 so that the softmax can
-use exp2f, instead of the expanded product the Triton backend feeds to its
-tensor cores:
-
-    l2_k(x) = c_k - sum_d (x_d - mu_kd)^2 * w_kd,   w_kd = log2(e)/2 * exp(-rho_kd),
-    c_k     = log2(e) * (alpha_k - 1/2 sum_d rho_kd)
-
-The direct form has no cancellation between an x*x and an x term, so large
-inputs keep float32 accuracy without the centring the expanded form needs
-(spherical: w_kd = w_k, the sum over d is taken first; shared: w is one
-number and the rho term, equal for every k, is dropped).
+Responsibilities (mixture.py) use GMA_SPEC's expanded form in base 2, with
+coefficients that ``gma_coefficients`` (emit_coefficients.py) computes once per
+call.
 
 Work is laid out over one block of THREADS threads: a token tile of BLOCK_N
-rows, the D axis streamed through shared memory in chunks of DC columns, the
-responsibilities of a tile [BLOCK_N, K] in shared memory, the state
-[K, BLOCK_DV] in shared memory.  Loops over tile elements stride by THREADS,
-so every size is legal; every element has exactly one owner thread, so sums
-happen in a fixed order and results are deterministic.
+rows, the D axis streamed through shared memory in chunks of DC columns (x and
+the chunk of a and b), the responsibilities of a tile [BLOCK_N, K] in shared
+memory, the state [K, BLOCK_DV] in shared memory.  Loops over tile elements
+stride by THREADS, so every size is legal; every element has exactly one owner
+thread, so sums happen in a fixed order and results are deterministic.
 """
 
 from __future__ import annotations
@@ -35,16 +28,13 @@ LOG2E = 1.4426950408889634
 CUDA_TYPE = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16"}
 HEADERS = {"f16": "cuda_fp16.h", "bf16": "cuda_bf16.h"}
 
-KERNEL_NAMES = {"responsibility": "gma_responsibility_fwd", "write": "gma_write_fwd",
-                "reduce": "gma_reduce", "read": "gma_read_fwd", "scan": "gma_scan_fwd"}
-
 
 @dataclass(frozen=True)
 class Variant:
     """Plan attributes + call specialization: everything a source depends on
     besides the tile config."""
 
-    kind: str                 # responsibility | write | reduce | read | scan
+    kind: str                 # responsibility | write | reduce | read | scan | coefficients
     D: int
     Dv: int
     K: int
@@ -94,18 +84,22 @@ def mixtures(v: Variant) -> list[tuple[str, str, str]]:
 
 def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
     """(name, floats) of the kernel's dynamic shared memory, in order."""
-    if v.kind == "reduce":
+    if v.kind in ("reduce", "coefficients"):
         return []
     dcp = pad_odd(t.d_chunk)
     kp = pad_odd(v.K)
     mixes = mixtures(v)
-    bufs = [("x_s", t.block_n * dcp), ("mu_s", v.K * dcp)]
-    if any(cov == "diag" for _, cov, _ in mixes):
-        bufs.append(("w_s", v.K * dcp))
+    covs = {cov for _, cov, _ in mixes}
+    # D chunk of the tokens and of the coefficients (one mixture at a time)
+    bufs = [("x_s", t.block_n * dcp), ("b_s", v.K * dcp)]
+    if "diag" in covs:
+        bufs.append(("a_s", v.K * dcp))
+    if "spherical" in covs:
+        bufs.append(("xx_s", t.block_n))
     for m, cov, _ in mixes:
         bufs.append((f"{m}_c_s", v.K))
         if cov == "spherical":
-            bufs.append((f"{m}_w_s", v.K))
+            bufs.append((f"{m}_asq_s", v.K))
     if v.kind == "responsibility":
         return bufs + [("rq_s", t.block_n * kp)]
     state = [("S_s", v.K * t.block_dv), ("n_s", v.K)]
@@ -240,7 +234,8 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
                   f"[[maybe_unused]] constexpr int DCP = {pad_odd(t.d_chunk)};",
                   f"[[maybe_unused]] constexpr int BNP = {pad_odd(t.block_n)};"]
     else:
-        lines.append("[[maybe_unused]] constexpr int THREADS = 256;")
+        lines += ["[[maybe_unused]] constexpr int THREADS = 256;",
+                  "[[maybe_unused]] constexpr int NWARPS = THREADS / 32;"]
     conv = "".join(_CONVERSIONS[d] for d in ("f16", "bf16") if d in used)
     helpers = _HELPERS.replace("{conversions}", conv)
     store = f"GMA_DEVICE void store_T(T_t* p, float v) {{ {_STORE[v.dtype]} }}\n"
@@ -253,15 +248,6 @@ def token_params(t: str, const: bool = True) -> list[str]:
     q = "const T_t* __restrict__" if const else "T_t* __restrict__"
     return [f"{q} {t}_ptr", f"long long {t}_sb", f"long long {t}_sn", f"long long {t}_sh",
             f"long long {t}_sd"]
-
-
-def mixture_params(m: str, covariance: str) -> list[str]:
-    lv_rank = {"diag": 3, "spherical": 2, "shared": 1}[covariance]
-    return ([f"const P_t* __restrict__ {m}_mean", f"long long {m}_mean_sh", f"long long {m}_mean_sk",
-             f"long long {m}_mean_sd", f"const P_t* __restrict__ {m}_lv"]
-            + [f"long long {m}_lv_s{i}" for i in range(lv_rank)]
-            + [f"const P_t* __restrict__ {m}_logit", f"long long {m}_logit_sh",
-               f"long long {m}_logit_sk"])
 
 
 MASK_PARAMS = ["const unsigned char* __restrict__ mask_ptr", "long long mask_sb", "long long mask_sn"]
@@ -299,97 +285,6 @@ def segment_range(c: Code) -> None:
 def token_base(c: Code, t: str, const: bool = True) -> None:
     q = "const T_t*" if const else "T_t*"
     c(f"{q} const {t}_base = {t}_ptr + b * {t}_sb + h * {t}_sh;  // 64-bit offsets")
-
-
-# --------------------------------------------------------------------------- mixtures
-
-def mixture_setup(c: Code, m: str, covariance: str) -> None:
-    """Per-head constants of mixture ``m``: ``{m}_c_s`` [K] (base 2), ``{m}_w_s`` [K]
-    (spherical) or the register ``{m}_w`` (shared)."""
-    c(f"// mixture {m} ({covariance} covariance): base-2 constants c_k")
-    c.open("for (int k = tid; k < K; k += THREADS)")
-    c(f"float ck = to_f({m}_logit[h * {m}_logit_sh + k * {m}_logit_sk]);")
-    if covariance == "diag":
-        c("float rho_sum = 0.f;",
-          f"for (int d = 0; d < D; ++d) rho_sum += to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1 + "
-          f"d * {m}_lv_s2]);",
-          "ck -= 0.5f * rho_sum;")
-    elif covariance == "spherical":
-        c(f"const float rho = to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1]);",
-          "ck -= 0.5f * D * rho;",
-          f"{m}_w_s[k] = HALF_LOG2E * expf(-rho);")
-    c(f"{m}_c_s[k] = LOG2E * ck;")
-    c.close()
-    if covariance == "shared":
-        c(f"const float {m}_w = HALF_LOG2E * expf(-to_f({m}_lv[h * {m}_lv_s0]));  "
-          f"// the rho term is equal for every k: dropped")
-
-
-def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str) -> None:
-    """``{r}`` [BLOCK_N, KP] = softmax over k of the logits of token rows n0 + i
-    (rows at or past ``end`` read as zeros).  ``keep``: "" (every row normalized),
-    "range" (rows past ``end`` zeroed) or "mask" (and rows whose key_mask is False)."""
-    c(f"// responsibilities of {t} rows [n0, n0 + BLOCK_N): {r} [BLOCK_N, K] (mixture {m})")
-    c("__syncthreads();  // earlier readers of the tiles below are done")
-    c(f"for (int idx = tid; idx < BLOCK_N * K; idx += THREADS) {r}[(idx / K) * KP + idx % K] = 0.f;")
-    c.open("for (int d0 = 0; d0 < D; d0 += DC)")
-    c("__syncthreads();")
-    c.open("for (int idx = tid; idx < BLOCK_N * DC; idx += THREADS)")
-    c("const int i = idx / DC, d = idx % DC;",
-      "const long long row = n0 + i;",
-      f"x_s[i * DCP + d] = (row < end && d0 + d < D) ? "
-      f"to_f({t}_base[row * {t}_sn + (long long)(d0 + d) * {t}_sd]) : 0.f;")
-    c.close()
-    c.open("for (int idx = tid; idx < K * DC; idx += THREADS)")
-    c("const int k = idx / DC, d = idx % DC;",
-      "const bool ok = d0 + d < D;",
-      f"mu_s[k * DCP + d] = ok ? to_f({m}_mean[h * {m}_mean_sh + k * {m}_mean_sk + "
-      f"(d0 + d) * {m}_mean_sd]) : 0.f;")
-    if covariance == "diag":
-        c(f"w_s[k * DCP + d] = ok ? HALF_LOG2E * expf(-to_f({m}_lv[h * {m}_lv_s0 + k * {m}_lv_s1 + "
-          f"(d0 + d) * {m}_lv_s2])) : 0.f;")
-    c.close()
-    c("__syncthreads();")
-    c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
-    c("const int i = idx / K, k = idx % K;",
-      "const float* xr = x_s + i * DCP;",
-      "const float* mr = mu_s + k * DCP;")
-    if covariance == "diag":
-        c("const float* wr = w_s + k * DCP;")
-    c("float a = 0.f;", "#pragma unroll 8")
-    c.open("for (int d = 0; d < DC; ++d)")
-    c("const float t = xr[d] - mr[d];")
-    c("a = fmaf(t * t, wr[d], a);" if covariance == "diag" else "a = fmaf(t, t, a);")
-    c.close()
-    c(f"{r}[i * KP + k] += a;")
-    c.close()
-    c.close()
-    c("__syncthreads();")
-    logit = {"diag": f"{m}_c_s[k] - {r}[i * KP + k]",
-             "spherical": f"{m}_c_s[k] - {m}_w_s[k] * {r}[i * KP + k]",
-             "shared": f"{m}_c_s[k] - {m}_w * {r}[i * KP + k]"}[covariance]
-    c("// softmax over k, one warp per row (base 2)")
-    c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
-    c("float mx = -__int_as_float(0x7f800000);  // -inf")
-    c.open("for (int k = lane; k < K; k += 32)")
-    c(f"const float l = {logit};", f"{r}[i * KP + k] = l;", "mx = fmaxf(mx, l);")
-    c.close()
-    c("mx = warp_max(mx);", "float sum = 0.f;")
-    c.open("for (int k = lane; k < K; k += 32)")
-    c(f"const float e = exp2f({r}[i * KP + k] - mx);", f"{r}[i * KP + k] = e;", "sum += e;")
-    c.close()
-    c("sum = warp_sum(sum);")
-    if keep:
-        c("const long long row = n0 + i;")
-        cond = "row < end"
-        if keep == "mask":
-            cond += " && mask_ptr[b * mask_sb + row * mask_sn] != 0"
-        c(f"const float inv = ({cond}) ? 1.f / sum : 0.f;  // dropped keys write nothing")
-    else:
-        c("const float inv = 1.f / sum;")
-    c(f"for (int k = lane; k < K; k += 32) {r}[i * KP + k] *= inv;")
-    c.close()
-    c("__syncthreads();")
 
 
 # --------------------------------------------------------------------------- state

@@ -1,7 +1,7 @@
 """CuPy backend on CUDA vs the float64 oracle: every variant (causal x norm x
 covariance x key mask) in bf16/f16/f32, initial/final state, N=1, N=1000,
-K=1, D=Dv=K=256, bhnd layout, fully masked keys, torch tensors on torch's
-current stream and CuPy arrays on CuPy's.
+K=1, D=Dv=K=256, bhnd layout, fully masked keys, large float32 inputs per
+covariance, torch tensors on torch's current stream and CuPy arrays on CuPy's.
 
 Skipped without a CUDA device (CI); run with the Triton GPU tests.  Results go
 to $GMAGEN_GPU_RESULTS.<worker> like tests/gpu/test_triton_cuda.py.
@@ -198,6 +198,56 @@ def test_hard_cases(hard, causal):
             assert err <= TOLERANCES[dtype]
         else:
             _check(gmagen.gma(causal=causal), arrs, dtype, name=f"cupy-{hard}-{causal}")
+
+
+@pytest.mark.parametrize("K", [8, 64])
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_inputs_float32(causal, cov, K):
+    """q, k x 20 at D = 64 in float32, several draws, per covariance (GMA_SPEC's
+    large-magnitude hard case).  The logits are then ~ -1.8e4 in the direct form,
+    whose float32 weight exp(-rho) errs by ~1e-3 there, enough to move near-tied
+    responsibilities past 1e-4 (spherical and shared worst, ~8.6e-4 in a NumPy
+    float32 emulation); the centred coefficients of gma_coefficients, float64
+    until rounded, keep them within it."""
+    rng = np.random.default_rng()
+    B, N, H, D, Dv = 2, 256, 4, 64, 64
+    for draw in range(4):
+        arrs = _inputs(rng, B, N, H, D, Dv, K, cov, "f32", scale=20.0)
+        _check(gmagen.gma(causal=causal, covariance=cov), arrs, "f32", tol=1e-4,
+               name=f"cupy-large-f32-{cov}-K{K}-{causal}-{draw}")
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_inputs_float32_qk_mixtures(causal, cov):
+    """The same with separate query and key mixtures: both coefficient sets."""
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 256, 4, 64, 64, 16
+    for draw in range(2):
+        arrs = _inputs(rng, B, N, H, D, Dv, K, cov, "f32", scale=20.0)
+        extra = _inputs(rng, B, N, H, D, Dv, K, cov, "f32")[3:]
+        program = gma_qk_mixtures(causal=causal, covariance=cov)
+        ref = gmagen.compile(program)(*arrs, *extra)
+        y = gmagen.compile(program, backend="cupy")(*_cuda(arrs, "f32"), *_cuda(extra, "f32"))
+        err = _rel(y.float().cpu().numpy(), ref)
+        _record(test=f"cupy-large-f32-qk-{cov}-{causal}-{draw}", dtype="f32", error=err, tol=1e-4)
+        assert err <= 1e-4, f"y error {err:.3e} > 1e-4"
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+def test_responsibilities_large_inputs(cov):
+    """gma_responsibility_fwd on x ~ 20 N(0, 1), D = 64, vs the oracle's R."""
+    rng = np.random.default_rng()
+    B, N, H, D, K = 2, 200, 3, 64, 32
+    arrs = _inputs(rng, B, N, H, D, D, K, cov, "f32", scale=20.0)
+    ref = gmagen.responsibilities(arrs[0], *arrs[3:])
+    f32 = dict(device="cuda", dtype=torch.float32)
+    r = gmagen.responsibilities(torch.tensor(arrs[0], **f32),
+                                *(torch.tensor(a, **f32) for a in arrs[3:]), backend="cupy")
+    err = _rel(r.cpu().numpy(), ref)
+    _record(test=f"cupy-resp-large-{cov}", dtype="f32", error=err, tol=1e-4)
+    assert err <= 1e-4
 
 
 @pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])

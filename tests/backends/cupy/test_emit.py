@@ -1,8 +1,10 @@
 """The CuPy backend's CUDA emitters, on the CPU: every kernel of every variant
 generates source that NVRTC compiles (sm_90: every variant in f32 and bf16,
-one per kernel kind in f16; sm_80: every kernel kind x dtype), ptxas reports no local-memory spills for the
-default configs, the header names the variant and the config, and lowering
-through ``gmagen`` works without a GPU given ``arch=``.
+one per kernel kind in f16; sm_80: every kernel kind x dtype; gma_coefficients
+for every covariance and parameter dtype), ptxas reports no local-memory
+spills for the default configs, the header names the variant and the config,
+the responsibilities use the centred expanded form, and lowering through
+``gmagen`` works without a GPU given ``arch=``.
 
 Registers and spills of each kernel are printed (``pytest -s``) and, with
 GMAGEN_CUPY_RESOURCES=path, written as JSON.  Compiles go through the NVRTC
@@ -22,7 +24,9 @@ import pytest
 pytest.importorskip("cupy", reason="cupy is not installed: the cupy backend cannot be tested")
 
 import gmagen  # noqa: E402
-from gmagen.backends.cupy import emit_read, emit_responsibility, emit_scan, emit_write, space  # noqa: E402
+from gmagen.dsl import gma_qk_mixtures  # noqa: E402
+from gmagen.backends.cupy import (emit_coefficients, emit_read, emit_responsibility,  # noqa: E402
+                                  emit_scan, emit_write, space)
 from gmagen.backends.cupy.launch import build  # noqa: E402
 from gmagen.backends.cupy.prelude import Variant, smem_bytes  # noqa: E402
 from gmagen.errors import BackendUnavailable, OptionError  # noqa: E402
@@ -30,8 +34,10 @@ from gmagen.errors import BackendUnavailable, OptionError  # noqa: E402
 DTYPES = ("f32", "f16", "bf16")
 COVS = ("diag", "spherical", "shared")
 EMIT = {"responsibility": emit_responsibility.emit, "write": emit_write.emit,
-        "reduce": emit_write.emit_reduce, "read": emit_read.emit, "scan": emit_scan.emit}
+        "reduce": emit_write.emit_reduce, "read": emit_read.emit, "scan": emit_scan.emit,
+        "coefficients": emit_coefficients.emit}
 DIMS = (64, 64, 64)
+coefficients = emit_coefficients.coefficient_variant
 
 
 def _variants() -> list[Variant]:
@@ -40,6 +46,7 @@ def _variants() -> list[Variant]:
     D, Dv, K = DIMS
     out = [Variant("reduce", D, Dv, K)]
     for dt, cov in itertools.product(("f32", "bf16"), COVS):
+        out.append(coefficients(D, K, dt, cov))
         out.append(Variant("responsibility", D, Dv, K, dt, q_covariance=cov))
         for mask in (False, True):
             out.append(Variant("write", D, Dv, K, dt, k_covariance=cov, mask=mask))
@@ -60,7 +67,7 @@ def _variants() -> list[Variant]:
 def _sm80_variants() -> list[Variant]:
     """One per kernel kind and dtype (the whole matrix runs for sm_90)."""
     D, Dv, K = DIMS
-    out = [Variant("reduce", D, Dv, K)]
+    out = [Variant("reduce", D, Dv, K)] + [coefficients(D, K, "f32", cov) for cov in COVS]
     for dt in DTYPES:
         out += [Variant("responsibility", D, Dv, K, dt, q_covariance="spherical"),
                 Variant("write", D, Dv, K, dt, mask=True),
@@ -77,13 +84,17 @@ BIG = [Variant("scan", 256, 256, 256, "bf16", mask=True, init=True, same_mixture
        Variant("responsibility", 256, 256, 256, "f32"),
        Variant("scan", 20, 33, 1, "f32", norm="slot", eps=1e-6),
        Variant("scan", 96, 100, 48, "f16", eps=1e-6, q_covariance="spherical",
-               k_covariance="spherical")]
+               k_covariance="spherical"),
+       coefficients(256, 256, "bf16", "diag"), coefficients(20, 1, "f32", "spherical"),
+       coefficients(96, 48, "f16", "shared"), coefficients(256, 256, "f32", "spherical")]
 
 CASES = [(v, "sm_90") for v in _variants()] + [(v, "sm_80") for v in _sm80_variants()] + \
         [(v, "sm_90") for v in BIG]
 
 
 def _config(v: Variant):
+    if v.kind == "coefficients":
+        return gmagen.Config()  # no tiles: one source for every config
     kind = "write" if v.kind == "reduce" else v.kind
     return space.default_config(kind, v.D, v.Dv, v.K, v.dtype, variant=v)
 
@@ -111,6 +122,8 @@ _TABLE: list[dict] = []
 
 def _case_id(case: tuple) -> str:
     v, arch = case
+    if v.kind == "coefficients":
+        return "-".join([v.kind, f"D{v.D}-K{v.K}", v.param_dtype, v.q_covariance, arch])
     tags = [v.kind, f"D{v.D}-Dv{v.Dv}-K{v.K}", v.dtype]
     if v.kind in ("responsibility", "read", "scan"):
         tags.append(v.q_covariance + ("" if v.same_mixture else "-qk"))
@@ -144,7 +157,8 @@ def test_compiles_without_spills(case):
     # the header names the kernel, the variant and the config
     head = emitted.source.splitlines()[:5]
     assert emitted.name in head[0] and head[2].startswith("// variant: kind=" + v.kind)
-    assert head[3].startswith("// config:") and "block_n=" in head[3] or v.kind == "reduce"
+    assert head[3].startswith("// config:")
+    assert "block_n=" in head[3] or v.kind in ("reduce", "coefficients")
 
 
 def test_variant_changes_source():
@@ -208,3 +222,37 @@ def test_compile_api_without_gpu():
     if not gmagen.available_backends()["cupy"]:
         with pytest.raises(BackendUnavailable):
             gmagen.compile(gmagen.gma(), backend="cupy")
+
+
+@pytest.mark.parametrize("cov", COVS)
+def test_expanded_logits(cov):
+    """Responsibilities read the centred coefficients gma_coefficients writes (no
+    mixture parameter and no exp in the main kernels), with x*x formed in
+    registers for diag and |x|^2 per row for spherical; the coefficients are
+    float64 until they are stored."""
+    for kind in ("responsibility", "write", "read", "scan"):
+        v = Variant(kind, 64, 64, 64, q_covariance=cov, k_covariance=cov, same_mixture=False)
+        src = _emit(v).source
+        body = src[src.index('extern "C"'):]
+        prefixes = {"responsibility": ["mq"], "write": ["mk"], "read": ["mq"], "scan": ["mq", "mk"]}
+        for m in prefixes[kind]:
+            assert f"const float* __restrict__ {m}_b" in body and f"{m}_c[h * K + k]" in body
+            assert (f"{m}_a[at]" in body) == (cov == "diag"), (kind, m)
+            assert (f"{m}_asq[h * K + k]" in body) == (cov == "spherical"), (kind, m)
+        assert "_mean" not in body and "_lv" not in body and "expf" not in body
+        assert ("la = fmaf(xv * xv, ar[d], la);" in body) == (cov == "diag")
+        assert ("xx_s[i] += s;" in body) == (cov == "spherical")
+    src = _emit(coefficients(64, 64, "bf16", cov)).source
+    assert "exp(-to_d(m_lv[" in src and "expf" not in src
+    assert "b_ptr[at] = static_cast<float>(" in src and "- mean_b);" in src
+    if cov == "spherical":
+        assert "asq_ptr[h * K + k] = static_cast<float>((-0.5 * LOG2E_D) * prec_s[k] - mean_asq);" in src
+
+
+def test_coefficients_once_per_mixture():
+    """One gma_coefficients launch per mixture: a scan with its own key mixture
+    computes two; with one mixture, one serves queries and keys."""
+    for program, count in ((gmagen.gma(causal=True), 1), (gma_qk_mixtures(causal=True), 2),
+                           (gmagen.gma(), 2)):  # bidirectional: write (keys) and read (queries)
+        kern = _kernel_without_device(program, arch="sm_90")
+        assert kern.source.count("void __launch_bounds__(THREADS, 1) gma_coefficients(") == count

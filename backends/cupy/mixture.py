@@ -1,0 +1,158 @@
+"""The mixture side of every kernel of the CuPy backend: its parameters, the
+coefficients of its logits, and the responsibilities computed from them.
+
+Responsibilities use GMA_SPEC's expanded form, in base 2 so that the softmax
+can use exp2f, with the coefficients of the Triton backend
+(backends/triton/prelude.py, ``mixture_prologue``):
+
+    l2_k(x) = c_k + sum_d x_d b_kd + sum_d x_d^2 a_kd     (diag)
+    l2_k(x) = c_k + sum_d x_d b_kd + |x|^2 asq_k           (spherical)
+    l2_k(x) = c_k + sum_d x_d b_kd                         (shared)
+
+``gma_coefficients`` (emit_coefficients.py, where the formulas are) computes
+them once per call and mixture into a float32 scratch buffer that every kernel
+of the call reads: a and b [H, K, D], c and asq [H, K], the precisions exp(-rho)
+in float64, a, b and asq centred over k (a term equal for every k cancels in
+the softmax), rounded to float32 after centring.
+
+Why not the direct form c_k - sum_d (x_d - mu_kd)^2 w_kd, w = log2(e)/2
+exp(-rho), which has no x*x and x terms to cancel: its w, rounded to float32,
+carries an error of 6e-8 of the precision itself.  With large inputs (|x_d| ~
+20, D = 64: |x - mu|^2 ~ 2.6e4) the logits are ~ -1.8e4, resolved by float32 to
+~1e-3, and the error of w multiplies |x - mu|^2 coherently over d (spherical and
+shared covariance, one w per k, worst); near-tied components then move
+responsibilities by up to ~8.6e-4 (a NumPy float32 emulation), past the
+float32 contract.  Rounded after centring, the coefficients carry an error
+relative to the spread of the precisions over k, not to the precisions, and
+the products they enter are that much smaller.
+
+Why a separate kernel: centring needs every k of a column, and a, b take
+2 K D floats per head (512 KB at K = D = 256), too many for shared memory;
+recomputing them in float64 per block would repeat K x D double exps in every
+block.  Written once (~K D floats per mixture and head, L2-resident), they are
+streamed through shared memory per D chunk, like the tokens.
+"""
+
+from __future__ import annotations
+
+from .prelude import Code
+
+
+def mixture_params(m: str, covariance: str) -> list[str]:
+    """The parameters of mixture ``m`` as the caller gives them (any strides); only
+    ``gma_coefficients`` reads them."""
+    lv_rank = {"diag": 3, "spherical": 2, "shared": 1}[covariance]
+    return ([f"const P_t* __restrict__ {m}_mean", f"long long {m}_mean_sh", f"long long {m}_mean_sk",
+             f"long long {m}_mean_sd", f"const P_t* __restrict__ {m}_lv"]
+            + [f"long long {m}_lv_s{i}" for i in range(lv_rank)]
+            + [f"const P_t* __restrict__ {m}_logit", f"long long {m}_logit_sh",
+               f"long long {m}_logit_sk"])
+
+
+def coefficient_arrays(covariance: str) -> list[tuple[str, str]]:
+    """(name, shape) of the float32 coefficients ``gma_coefficients`` writes for one
+    mixture (contiguous, in this order in one scratch buffer)."""
+    return ([("a", "HKD")] if covariance == "diag" else []) + [("b", "HKD"), ("c", "HK")] + \
+        ([("asq", "HK")] if covariance == "spherical" else [])
+
+
+def coefficient_params(m: str, covariance: str) -> list[str]:
+    """Mixture ``m`` as the main kernels read it: its coefficients (see
+    coefficient_arrays), float32, contiguous, written by ``gma_coefficients``."""
+    return [f"const float* __restrict__ {m}_{name}" for name, _ in coefficient_arrays(covariance)]
+
+
+def mixture_setup(c: Code, m: str, covariance: str) -> None:
+    """Per-head constants of mixture ``m`` into shared memory: ``{m}_c_s`` [K] (base 2)
+    and, spherical, ``{m}_asq_s`` [K] (the centred coefficient of |x|^2)."""
+    c(f"// mixture {m} ({covariance} covariance): base-2 constants of head h (gma_coefficients)")
+    c.open("for (int k = tid; k < K; k += THREADS)")
+    c(f"{m}_c_s[k] = {m}_c[h * K + k];")
+    if covariance == "spherical":
+        c(f"{m}_asq_s[k] = {m}_asq[h * K + k];")
+    c.close()
+
+
+def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str) -> None:
+    """``{r}`` [BLOCK_N, KP] = softmax over k of the logits of token rows n0 + i
+    (rows at or past ``end`` read as zeros).  ``keep``: "" (every row normalized),
+    "range" (rows past ``end`` zeroed) or "mask" (and rows whose key_mask is False).
+
+    The logits are the expanded form of the module docstring: per D chunk, x.b (and
+    (x*x).a for diag) for each (row, k), and |x|^2 per row for spherical; shared
+    covariance needs x.b only.  x*x is formed in registers: one multiply and two
+    FMAs per (row, k, d), the operation count of the direct form's (x - mu)^2 w,
+    with no extra shared-memory tile or load."""
+    c(f"// responsibilities of {t} rows [n0, n0 + BLOCK_N): {r} [BLOCK_N, K] (mixture {m})")
+    c("__syncthreads();  // earlier readers of the tiles below are done")
+    c(f"for (int idx = tid; idx < BLOCK_N * K; idx += THREADS) {r}[(idx / K) * KP + idx % K] = 0.f;")
+    if covariance == "spherical":
+        c("for (int i = tid; i < BLOCK_N; i += THREADS) xx_s[i] = 0.f;")
+    c.open("for (int d0 = 0; d0 < D; d0 += DC)")
+    c("__syncthreads();")
+    c.open("for (int idx = tid; idx < BLOCK_N * DC; idx += THREADS)")
+    c("const int i = idx / DC, d = idx % DC;",
+      "const long long row = n0 + i;",
+      f"x_s[i * DCP + d] = (row < end && d0 + d < D) ? "
+      f"to_f({t}_base[row * {t}_sn + (long long)(d0 + d) * {t}_sd]) : 0.f;")
+    c.close()
+    c("// the coefficients of columns [d0, d0 + DC): b_s (and a_s) [K, DC]")
+    c.open("for (int idx = tid; idx < K * DC; idx += THREADS)")
+    c("const int k = idx / DC, d = idx % DC;",
+      "const bool ok = d0 + d < D;",
+      "const long long at = (h * K + k) * D + d0 + d;",
+      f"b_s[k * DCP + d] = ok ? {m}_b[at] : 0.f;")
+    if covariance == "diag":
+        c(f"a_s[k * DCP + d] = ok ? {m}_a[at] : 0.f;")
+    c.close()
+    c("__syncthreads();")
+    c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
+    c("const int i = idx / K, k = idx % K;",
+      "const float* xr = x_s + i * DCP;",
+      "const float* br = b_s + k * DCP;")
+    if covariance == "diag":
+        c("const float* ar = a_s + k * DCP;",
+          "float lb = 0.f, la = 0.f;  // x.b and (x*x).a: two independent FMA chains",
+          "#pragma unroll 8")
+        c.open("for (int d = 0; d < DC; ++d)")
+        c("const float xv = xr[d];", "lb = fmaf(xv, br[d], lb);", "la = fmaf(xv * xv, ar[d], la);")
+        c.close()
+        c(f"{r}[i * KP + k] += lb + la;")
+    else:
+        c("float l = 0.f;", "#pragma unroll 8",
+          "for (int d = 0; d < DC; ++d) l = fmaf(xr[d], br[d], l);",
+          f"{r}[i * KP + k] += l;")
+    c.close()
+    if covariance == "spherical":
+        c("// |x|^2 of each row (owner thread per row)")
+        c.open("for (int i = tid; i < BLOCK_N; i += THREADS)")
+        c("const float* xr = x_s + i * DCP;", "float s = 0.f;", "#pragma unroll 8",
+          "for (int d = 0; d < DC; ++d) s = fmaf(xr[d], xr[d], s);", "xx_s[i] += s;")
+        c.close()
+    c.close()
+    c("__syncthreads();")
+    logit = {"diag": f"{m}_c_s[k] + {r}[i * KP + k]",
+             "spherical": f"{m}_c_s[k] + {r}[i * KP + k] + {m}_asq_s[k] * xx_s[i]",
+             "shared": f"{m}_c_s[k] + {r}[i * KP + k]"}[covariance]
+    c("// softmax over k, one warp per row (base 2)")
+    c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+    c("float mx = -__int_as_float(0x7f800000);  // -inf")
+    c.open("for (int k = lane; k < K; k += 32)")
+    c(f"const float l = {logit};", f"{r}[i * KP + k] = l;", "mx = fmaxf(mx, l);")
+    c.close()
+    c("mx = warp_max(mx);", "float sum = 0.f;")
+    c.open("for (int k = lane; k < K; k += 32)")
+    c(f"const float e = exp2f({r}[i * KP + k] - mx);", f"{r}[i * KP + k] = e;", "sum += e;")
+    c.close()
+    c("sum = warp_sum(sum);")
+    if keep:
+        c("const long long row = n0 + i;")
+        cond = "row < end"
+        if keep == "mask":
+            cond += " && mask_ptr[b * mask_sb + row * mask_sn] != 0"
+        c(f"const float inv = ({cond}) ? 1.f / sum : 0.f;  // dropped keys write nothing")
+    else:
+        c("const float inv = 1.f / sum;")
+    c(f"for (int k = lane; k < K; k += 32) {r}[i * KP + k] *= inv;")
+    c.close()
+    c("__syncthreads();")

@@ -98,8 +98,9 @@ class CupyBackend(Backend):
 
     def tuning_device(self, binding: Any) -> Optional[dict[str, Any]]:
         """Tuned configs are per GPU, and need torch (the tuner's runner and its
-        CUDA-event timing run on torch tensors)."""
-        if binding.device[0] != "cuda" or not _has_torch():
+        CUDA-event timing run on torch tensors).  None without a CUDA device: a
+        compile-only lowering (arch=) has no device properties to key on."""
+        if binding.device[0] != "cuda" or not _has_torch() or not _probe()[2]:
             return None
         import cupy
 

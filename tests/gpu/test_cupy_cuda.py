@@ -218,7 +218,11 @@ def test_large_inputs_float32(causal, cov, K):
                name=f"cupy-large-f32-{cov}-K{K}-{causal}-{draw}")
 
 
-@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+# Not spherical: with q, k x 20 every key picks the key mixture's widest component
+# (the |x|^2 term dominates), the queries' components then hold n ~ 1e-300 and the
+# float64 oracle's y is ~1e-43, below float32's range: every float32 backend (torch
+# and Triton too, checked on the CPU) returns 0 there, relative error 1.
+@pytest.mark.parametrize("cov", ["diag", "shared"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_inputs_float32_qk_mixtures(causal, cov):
     """The same with separate query and key mixtures: both coefficient sets."""

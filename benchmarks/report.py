@@ -32,8 +32,10 @@ def table(records: list[dict]) -> str:
               "call minus inputs and the returned gradients" if training else
               "median of CUDA-event timings; N <= 16384 as CUDA-graph replays, launch "
               "overhead excluded, for every implementation alike")
+    commits = sorted({r["versions"]["commit"] for r in records if r.get("versions")})
     lines = [f"GPU: {r0['gpu']}; CUDA {v['cuda']}, PyTorch {v['torch']}, Triton {v['triton']}, "
-             f"gmagen {v['gmagen']} (commit {v['commit']}); copy bandwidth "
+             f"gmagen {v['gmagen']} (commit{'s' if len(commits) > 1 else ''} "
+             f"{', '.join(commits)}; each row's is in the JSON); copy bandwidth "
              f"{r0['copy_bandwidth_Bps'] / 1e12:.2f} TB/s. B=4, H=16, D=Dv=K=64, bfloat16, bnhd. "
              f"Time in ms ({timing}); extra memory in MB.", ""]
     for variant in variants(records):

@@ -6,9 +6,10 @@ graph that ``schedule.py`` and ``launch.py`` consume.
 Conventions: B, N, H are symbolic (one build serves every batch, length and
 head count); D, Dv, K and C are constants of the specialization.  Per-token
 intermediates are [B, H, N, X] (head-major: the (b, h) pairs are the parallel
-loop); tensors the caller sees are in the call's layout.  Everything computes
-in float32 (16-bit tokens are read and widened; results are float32 and the
-Kernel casts y to the token dtype).
+loop); tensors the caller sees are in the call's layout.  Everything per token
+computes in float32 (16-bit tokens are read and widened; results are float32
+and the Kernel casts y to the token dtype); the mixture's logit coefficients
+([H, K, D] at most) are computed in float64 and rounded to float32 first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gmagen.ir import ops as _ops
 
 Dim = Union[int, str]  # a constant, or "B" / "N" / "H" resolved at call time
 F32 = "float32"
+F64 = "float64"  # the mixture's coefficients, before rounding (Graph._mixture)
 
 
 @dataclass
@@ -121,73 +123,111 @@ class Graph:
         return [p.tensor for p in self.inputs + self.outputs]
 
     # -- GMA_SPEC "responsibility" ------------------------------------------------
-    def _mixture(self, op: _ops.Responsibility) -> tuple[Any, Callable, Callable]:
-        """(mean, prec(h, k, d), c(h, k)) with prec = exp(-rho) and
-        c = alpha - 1/2 sum_d rho, shared by responsibilities of one mixture."""
+    def _mixture(self, op: _ops.Responsibility) -> tuple[Optional[Any], Any, Any]:
+        """Coefficients (a, b, c) of the expanded logits of one mixture, float32,
+        shared by its responsibilities:
+
+            diag       l_k(x) = c_k + sum_d x_d b_kd + sum_d x_d^2 a_kd    a, b [H, K, D]
+            spherical  l_k(x) = c_k + sum_d x_d b_kd + |x|^2 a_k           a [H, K]
+            shared     l_k(x) = c_k + sum_d x_d b_kd                       a None
+
+        with a = -1/2 prec, b = mu prec, prec = exp(-rho), c = alpha - 1/2 sum_d
+        (mu^2 prec + rho), c [H, K].  a and b are centred: their mean over k is
+        subtracted for each (h, d), a term equal for every k that cancels in the
+        softmax (shared: the x.x and rho terms cancel whole).  The precisions, the
+        centring and c are computed in float64 and rounded to float32 once, before
+        they meet the tokens.
+
+        Why: in GMA_SPEC's direct form the logits of large inputs (x ~ 20, D = 64)
+        are ~ -1.3e4, which float32 resolves to ~1e-3, enough to move near-tied
+        responsibilities past the 1e-4 contract.  Expanded, the float32 products
+        are x times the spread of the coefficients over k, not their size; rounded
+        before centring, a coefficient would still carry 6e-8 of the precision
+        itself, times |x|^2 ~ 2.6e4.  The stages are [H, K, D] or smaller, left at
+        root by the schedules (tiny loops; on cuda one small kernel each)."""
         key = ("mix", op.mean, op.log_var, op.logit, op.covariance)
         if key in self._cache:
             return self._cache[key]
-        K, D = self.dims["K"], self.dims["D"]
+        K, D, H = self.dims["K"], self.dims["D"], self.H
         tag = f"{op.mean}_"
         mean = self.input(op.mean, ("H", K, D))
         logit = self.input(op.logit, ("H", K))
-        if op.covariance == "diag":
-            rho = self.input(op.log_var, ("H", K, D))
-            prec_t = te.compute((self.H, K, D), lambda h, k, d: te.exp(-rho[h, k, d]),
-                                name=tag + "prec")
-            d = te.reduce_axis((0, D), name="d")
-            rho_sum = te.compute((self.H, K), lambda h, k: te.sum(rho[h, k, d], axis=d),
-                                 name=tag + "rho_sum")
-
-            def prec(h, k, i):
-                return prec_t[h, k, i]
-
-            def const(h, k):
-                return logit[h, k] - 0.5 * rho_sum[h, k]
-        elif op.covariance == "spherical":
-            rho = self.input(op.log_var, ("H", K))
-            prec_t = te.compute((self.H, K), lambda h, k: te.exp(-rho[h, k]), name=tag + "prec")
-
-            def prec(h, k, i):
-                return prec_t[h, k]
-
-            def const(h, k):
-                return logit[h, k] - (0.5 * D) * rho[h, k]
-        elif op.covariance == "shared":
-            rho = self.input(op.log_var, ("H",))
-            prec_t = te.compute((self.H,), lambda h: te.exp(-rho[h]), name=tag + "prec")
-
-            def prec(h, k, i):
-                return prec_t[h]
-
-            def const(h, k):
-                return logit[h, k] - (0.5 * D) * rho[h]
-        else:
-            raise UnsupportedFeature(f"tvm backend: covariance={op.covariance!r}, expected one "
+        cov = op.covariance
+        rho_shape = {"diag": ("H", K, D), "spherical": ("H", K), "shared": ("H",)}.get(cov)
+        if rho_shape is None:
+            raise UnsupportedFeature(f"tvm backend: covariance={cov!r}, expected one "
                                      f"of {_ops.COVARIANCES}")
-        self._cache[key] = (mean, prec, const)
+        rho = self.input(op.log_var, rho_shape)
+        prec_t = te.compute(self._sym(rho_shape), lambda *i: te.exp(-rho[i].astype(F64)),
+                            name=tag + "prec")
+
+        def at(t: Any, h: Any, k: Any, i: Any) -> Any:
+            """t[h, k, i] of a tensor shaped like log_var, broadcast over k and d."""
+            return {"diag": lambda: t[h, k, i], "spherical": lambda: t[h, k],
+                    "shared": lambda: t[h]}[cov]()
+
+        def mu(h: Any, k: Any, i: Any) -> Any:
+            return mean[h, k, i].astype(F64)
+
+        def centred(name: str, value: Callable, rest: tuple, note: str) -> Any:
+            """value(h, k, *rest) less its mean over k, rounded to float32 [H, K, *rest]."""
+            k = te.reduce_axis((0, K), name="k")
+            total = te.compute((H, *rest), lambda h, *r: te.sum(value(h, k, *r), axis=k),
+                               name=f"{tag}{name}_sum_k")
+            out = te.compute((H, K, *rest), lambda h, kk, *r: (
+                value(h, kk, *r) - total[(h, *r)] * (1.0 / K)).astype(F32), name=tag + name)
+            self.notes.append(f"{out.op.name}: {note}, centred over k (float64, then rounded)")
+            return out
+
+        a = None
+        if cov == "diag":
+            a = centred("a", lambda h, k, i: -0.5 * prec_t[h, k, i], (D,),
+                        "-1/2 exp(-rho)  [H, K, D]")
+        elif cov == "spherical":
+            a = centred("a", lambda h, k: -0.5 * prec_t[h, k], (), "-1/2 exp(-rho)  [H, K]")
+        b = centred("b", lambda h, k, i: mu(h, k, i) * at(prec_t, h, k, i), (D,),
+                    "mu exp(-rho)  [H, K, D]")
+
+        def c_term(h: Any, k: Any, i: Any) -> Any:
+            term = mu(h, k, i) * mu(h, k, i) * at(prec_t, h, k, i)
+            # shared: rho is equal for every k and cancels in the softmax
+            return term if cov == "shared" else term + at(rho, h, k, i).astype(F64)
+
+        d = te.reduce_axis((0, D), name="d")
+        c_sum = te.compute((H, K), lambda h, k: te.sum(c_term(h, k, d), axis=d),
+                           name=tag + "c_sum")
+        c = te.compute((H, K), lambda h, k: (logit[h, k].astype(F64) - 0.5 * c_sum[h, k])
+                       .astype(F32), name=tag + "c")
+        self.notes.append(f"{c.op.name}: alpha - 1/2 sum_d (mu^2 exp(-rho)"
+                          + ("" if cov == "shared" else " + rho")
+                          + ")  [H, K] (float64, then rounded)")
+        self._cache[key] = (a, b, c)
         return self._cache[key]
 
     def responsibility(self, op: _ops.Responsibility, tag: str) -> Any:
-        """r [B, H, N, K] of the token input op.x (oracle.responsibility):
-        l_k = c_k - 1/2 sum_d (x_d - mu_kd)^2 exp(-rho_kd), in the oracle's
-        unexpanded form (no cancellation for large |x|; a reduction over d either
-        way), then a stable softmax over k (row max subtracted)."""
+        """r [B, H, N, K] of the token input op.x (oracle.responsibility): the
+        logits in the expanded form with centred coefficients (``_mixture``: the
+        products are float32, their coefficients rounded from float64), then a
+        stable softmax over k (row max subtracted)."""
         K, D = self.dims["K"], self.dims["D"]
         x = self.tokens(op.x, D)
-        mean, prec, const = self._mixture(op)
+        a, b, c = self._mixture(op)
         B, N, H = self.B, self.N, self.H
         d = te.reduce_axis((0, D), name="d")
 
-        def sq_dist(b, h, n, k):
-            diff = x(b, n, h, d) - mean[h, k, d]
-            return te.sum(diff * diff * prec(h, k, d), axis=d)
+        def term(bi, h, n, k, i):
+            xi = x(bi, n, h, i)
+            if a is None:  # shared
+                return xi * b[h, k, i]
+            return xi * b[h, k, i] + xi * xi * (a[h, k, i] if len(a.shape) == 3 else a[h, k])
 
-        maha = self.stage(te.compute((B, H, N, K), sq_dist, name=f"{tag}_maha"), "bhn",
-                          "sum_d (x - mu)^2 exp(-rho)  [B, H, N, K]")
+        xab = self.stage(te.compute((B, H, N, K),
+                                    lambda bi, h, n, k: te.sum(term(bi, h, n, k, d), axis=d),
+                                    name=f"{tag}_xab"), "bhn",
+                         "sum_d x b + x^2 a  [B, H, N, K] (the logits less c)")
 
-        def logits(b, h, n, k):
-            return const(h, k) - 0.5 * maha[b, h, n, k]
+        def logits(bi, h, n, k):
+            return c[h, k] + xab[bi, h, n, k]
 
         k1 = te.reduce_axis((0, K), name="k")
         row_max = self.stage(te.compute((B, H, N), lambda b, h, n: te.max(logits(b, h, n, k1),

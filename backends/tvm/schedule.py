@@ -5,8 +5,10 @@ CPU (llvm): every stage's loop nest is brought to (b, h, ...) order (results
 in layout bnhd are computed in (b, h, n) order and written strided), the
 (b, h) loops are fused into one parallel loop, and the token loop inside is
 split into tiles of ``block_n`` tokens.  Reductions stay innermost and serial
-(float32 accumulation in token order, like the oracle's sums).  Fusing the
-token tiles into the parallel loop as well made ``tvm.compile`` 3x slower
+(float32 accumulation in token order, like the oracle's sums).  The mixture's
+coefficient tables (``Graph._mixture``: [H, K, D] at most, float64 then rounded)
+are not in ``g.stages``: they stay at root, serial loops run once per call.
+Fusing the token tiles into the parallel loop as well made ``tvm.compile`` 3x slower
 (index arithmetic over symbolic N in CompactBufferAllocation and
 FlattenBuffer: 3.1 s vs 1.1 s for the scan plan) for no gain at test sizes.
 """

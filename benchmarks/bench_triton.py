@@ -258,7 +258,13 @@ def bench_decode(args, bw: float, records: list, base: dict) -> None:
 def _graph_ms(fn, sets: list | None = None, steps: int = 20) -> float:
     """Per-call time of ``steps`` calls (rotating over input ``sets``) captured in one
     CUDA graph: median of replays over the call count."""
-    sets = sets or [()]
+    g = capture_graph(fn, sets or [()], steps)
+    return time_ms(lambda: g.replay(), [()], warmup=3, reps=20) / steps
+
+
+def capture_graph(fn, sets: list, steps: int = 20):
+    """``steps`` calls of ``fn`` (inputs rotating over ``sets``) in one CUDA graph,
+    after a warm-up on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -269,7 +275,7 @@ def _graph_ms(fn, sets: list | None = None, steps: int = 20) -> float:
     with torch.cuda.graph(g):
         for i in range(steps):
             fn(*sets[i % len(sets)])
-    return time_ms(lambda: g.replay(), [()], warmup=3, reps=20) / steps
+    return g
 
 
 def _flush(path: str, records: list) -> None:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_triton import L2_BYTES, copy_bandwidth, make_sets, versions  # noqa: E402
+from bench_triton import (L2_BYTES, capture_graph, copy_bandwidth, make_sets,  # noqa: E402
+                          versions)
 
 import gmagen  # noqa: E402
 from gmagen import autotune  # noqa: E402
@@ -86,22 +87,6 @@ def time_interleaved(fns: dict, sets: list, warmup: int = 3, reps: int = 20) -> 
 
 
 GRAPH_STEPS = 20
-
-
-def graph_of(fn, sets: list):
-    """``GRAPH_STEPS`` calls (inputs rotating) captured in one CUDA graph, after a
-    warm-up on a side stream (bench_triton._graph_ms)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(*sets[i % len(sets)])
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(GRAPH_STEPS):
-            fn(*sets[i % len(sets)])
-    return g
 
 
 def compiled(backend: str, causal: bool, mode: str, cache_dir: Path, args: tuple):
@@ -234,7 +219,7 @@ def main() -> None:
         fns = {name: (lambda *a, k=kern: k(*a)) for name, kern in kernels.items()}
         timing = "launch"
         if N <= args.graph_max_n:  # as bench_triton.py: graph replays, launch overhead out
-            graphs = {name: graph_of(fn, sets) for name, fn in fns.items()}
+            graphs = {name: capture_graph(fn, sets, GRAPH_STEPS) for name, fn in fns.items()}
             ms = {name: t / GRAPH_STEPS for name, t in time_interleaved(
                 {name: g.replay for name, g in graphs.items()}, [()], reps=args.reps).items()}
             timing = f"graph of {GRAPH_STEPS} calls"

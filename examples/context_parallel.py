@@ -94,16 +94,24 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, iters: int, device) -> float:
-    """Seconds per call (after one warm-up), the slowest rank's."""
+def seconds_per_call(fn, iters: int, device, barrier: bool = False) -> float:
+    """Seconds per call on this rank, after one warm-up (``barrier``: the ranks
+    start timing together)."""
     fn()
     sync(device)
-    dist.barrier()
+    if barrier:
+        dist.barrier()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
     sync(device)
-    dt = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
+    return (time.perf_counter() - t0) / iters
+
+
+def timed(fn, iters: int, device) -> float:
+    """Seconds per call (after one warm-up), the slowest rank's."""
+    dt = torch.tensor([seconds_per_call(fn, iters, device, barrier=True)], dtype=torch.float64,
+                      device=device)
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return float(dt)
 
@@ -203,21 +211,9 @@ def main(argv=None) -> int:
             out = one()
             (out[0] if args.return_state else out).float().square().mean().backward()
 
-        with torch.no_grad():
-            one()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                one()
-            sync(device)
-            t_one = (time.perf_counter() - t0) / args.iters
-        one_step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            one_step()
-        sync(device)
-        t_one_step = (time.perf_counter() - t0) / args.iters
+        with torch.no_grad():  # rank 0 alone: no collectives here
+            t_one = seconds_per_call(one, args.iters, device)
+        t_one_step = seconds_per_call(one_step, args.iters, device)
     dist.barrier()
 
     sent = torch.tensor([fwd_bytes.bytes_sent, bwd_bytes.bytes_sent if bwd_bytes else 0],

@@ -121,18 +121,12 @@ class CupyBackend(Backend):
              tune_options: Optional[Mapping[str, Any]] = None, space: Any = None) -> Any:
         """Tune ``kernel`` for this specialization (gmagen.autotune's loop over a
         TorchRunner); returns a TuneResult."""
-        from gmagen import autotune
-        from gmagen.autotune.torch_runner import TorchRunner
+        from gmagen.autotune.torch_runner import tune_plan
 
         from .tune import tuning_space
 
-        runner = TorchRunner(self, program, plan, kernel, binding, options)
-        dims = binding.dims
-        if space is None:
-            K = dims.get("K", 64)
-            space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
-                                 dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
-        return autotune.tune(space, runner, strategy, tune_options)
+        return tune_plan(self, tuning_space, program, plan, kernel, binding, options, strategy,
+                         tune_options, space)
 
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
               options: Mapping[str, Any]) -> Executable:

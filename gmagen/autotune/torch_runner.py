@@ -141,3 +141,19 @@ class TorchRunner:
 
     def now(self) -> float:
         return time.monotonic()
+
+
+def tune_plan(backend: Any, tuning_space: Any, program: Any, plan: Any, kernel: Any,
+              binding: Any, options: Any, strategy: str = "auto",
+              tune_options: Optional[Any] = None, space: Any = None) -> Any:
+    """``Backend.tune`` of a torch-native backend: gmagen.autotune's loop over a
+    TorchRunner, in ``space`` or ``tuning_space(kind, default, D, Dv, K, dtype)``."""
+    from gmagen import autotune
+
+    runner = TorchRunner(backend, program, plan, kernel, binding, options)
+    if space is None:
+        dims = binding.dims
+        K = dims.get("K", 64)
+        space = tuning_space(kernel.kind, runner.default, dims.get("D", 64), dims.get("Dv", K),
+                             K, binding.dtypes.get("T", "f32"))
+    return autotune.tune(space, runner, strategy, tune_options)

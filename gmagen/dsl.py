@@ -218,3 +218,31 @@ def responsibilities_program(covariance: str = "diag", layout: str = "bnhd") -> 
     x = b.tokens("x")
     r = b.responsibility(x, b.mixture(covariance=covariance), name="r")
     return b.build(r)
+
+
+def slot_write_program(covariance: str = "diag", *, layout: str = "bnhd") -> Program:
+    """k, v -> the memory (S, n) of the keys (GMA_SPEC slot_write): the first half of
+    bidirectional GMA.  Inputs k [B, N, H, D], v [B, N, H, Dv], the mixture and an
+    optional key_mask [B, N]; output the memory [B, H, K, Dv], [B, H, K]."""
+    check_choice("covariance", covariance, _ops.COVARIANCES)
+    b = ProgramBuilder(f"slot_write_{covariance}", layout)
+    k, v = b.tokens("k"), b.tokens("v", "Dv")
+    mix = b.mixture(covariance=covariance)
+    mem = b.slot_write(b.responsibility(k, mix), v, b.key_mask())
+    return b.build(mem)
+
+
+def slot_read_program(norm: str = "row", covariance: str = "diag",
+                      eps: float = _ops.DEFAULT_EPS, *, layout: str = "bnhd") -> Program:
+    """q and a given memory (S, n) -> y (GMA_SPEC slot_read): the second half of
+    bidirectional GMA, for a memory made elsewhere (by ``slot_write_program`` on other
+    tokens, or summed over the ranks of a context-parallel group).  Inputs q, the
+    mixture and ``memory`` = (S [B, H, K, Dv], n [B, H, K]); output y [B, N, H, Dv]."""
+    check_choice("norm", norm, _ops.NORMS)
+    check_choice("covariance", covariance, _ops.COVARIANCES)
+    eps = check_eps(eps)
+    b = ProgramBuilder(f"slot_read_{norm}_{covariance}", layout)
+    q = b.tokens("q")
+    mix = b.mixture(covariance=covariance)
+    mem = b.input("memory", MemoryType(("B", "H", "K", "Dv")), "state")
+    return b.build(b.slot_read(b.responsibility(q, mix), mem, norm, eps))

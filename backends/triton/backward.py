@@ -157,6 +157,96 @@ def _programs(tiles: int, BH: int, cfg: dict, interpret: bool, dev: Any) -> int:
     return max(1, min(tiles, cdiv(8 * sms, BH)))
 
 
+class _Launch:
+    """What both halves of the bidirectional backward share: sizes, the specialized
+    variant, the config, segments per (b, h) and the coefficient arguments."""
+
+    def __init__(self, x: Any, v: Any, mean: Any, log_var: Any, logit: Any,
+                 key_mask: Optional[Any], norm: str, eps: float, layout: str, precision: str,
+                 config: Optional[dict]):
+        setup = _setup(x, v, mean, key_mask, norm, eps, layout, precision, config, False)
+        self.B, self.N, self.H, self.D, self.K, self.Dv, self.variant, self.interpret, \
+            self.cfg, bn = setup
+        self.BH = self.B * self.H
+        self.dev = x.device
+        tiles = max(1, cdiv(self.N, bn))
+        self.P = _programs(tiles, self.BH, self.cfg, self.interpret, self.dev)
+        self.mix, coef = _coefficient_args(mean, log_var, logit)
+        self.common = {**coef, "N": self.N, "H": self.H, "BH": self.BH,
+                       "SEG": cdiv(tiles, self.P) * bn, "BLOCK_N": bn}
+        self.layout = layout
+
+    def partials(self, halves: int) -> tuple[Any, Any, Any]:
+        """Per-program mixture partial sums [halves, P, B*H, K, (D)] (float32)."""
+        import torch
+
+        pa = torch.empty((halves, self.P, self.BH, self.K, self.D), dtype=torch.float32,
+                         device=self.dev)
+        return pa, torch.empty_like(pa), torch.empty((halves, self.P, self.BH, self.K),
+                                                     dtype=torch.float32, device=self.dev)
+
+    def run(self, kind: str, args: dict) -> None:
+        fn, path, _ = _kernel(kind, self.variant, self.interpret, self.cfg)
+        launch.launch(fn, (self.BH, self.P), {**self.common, **args}, int(self.cfg["num_warps"]),
+                      int(self.cfg["num_stages"]), path)
+
+
+def _read_half(L: _Launch, q: Any, state: tuple[Any, Any], dy: Any, norm: str, eps: float,
+               partials: tuple) -> tuple[Any, Any, Any]:
+    """dq, and the gradient reaching the memory from the queries: (dL/dS, dL/dn)
+    [B*H, K, (Dv)] float32.  Mixture partials of the queries into ``partials``."""
+    import torch
+
+    f32 = torch.float32
+    s, n = (t.detach().to(f32).reshape(L.BH, L.K, *t.shape[3:]).contiguous() for t in state)
+    ps = torch.empty((L.P, L.BH, L.K, L.Dv), dtype=f32, device=L.dev)
+    pn = torch.empty((L.P, L.BH, L.K), dtype=f32, device=L.dev)
+    dq = torch.empty_like(q)
+    pa, pb, pc = partials
+    L.run("read", {**_tokens("q", q, L.layout), **_tokens("dy", dy, L.layout),
+                   **_tokens("dq", dq, L.layout), "s_ptr": s, "n_ptr": n, "ps_ptr": ps,
+                   "pn_ptr": pn, "pa_ptr": pa, "pb_ptr": pb, "pc_ptr": pc})
+    g_s = ps.sum(0)  # fixed order over segments: deterministic
+    if norm == "row":
+        g_n = pn.sum(0)
+    else:  # the kernel summed dL/d(S / (n + eps))
+        inv = 1.0 / (n + eps)
+        g_n = -(g_s * s).sum(-1) * inv * inv
+        g_s = g_s * inv[..., None]
+    return dq, g_s, g_n
+
+
+def _write_half(L: _Launch, k: Any, v: Any, key_mask: Optional[Any], g_s: Any, g_n: Any,
+                partials: tuple) -> tuple[Any, Any]:
+    """dk, dv from the gradient of the memory (dL/dS, dL/dn) [B*H, K, (Dv)] float32;
+    mixture partials of the keys into ``partials``."""
+    import torch
+
+    dk = torch.empty_like(k)
+    dv = empty_tokens(v, L.B, L.N, L.H, L.Dv, L.layout, v.dtype)
+    pa, pb, pc = partials
+    args = {**_tokens("k", k, L.layout), **_tokens("v", v, L.layout),
+            **_tokens("dk", dk, L.layout), **_tokens("dv", dv, L.layout),
+            "ds_ptr": g_s.contiguous(), "dn_ptr": g_n.contiguous(), "pa_ptr": pa, "pb_ptr": pb,
+            "pc_ptr": pc}
+    if key_mask is not None:
+        args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
+    L.run("write", args)
+    return dk, dv
+
+
+def _state_grad(L: _Launch, ds: Optional[Any], dn: Optional[Any]) -> tuple[Any, Any]:
+    """An external (dS, dn) as [B*H, K, (Dv)] float32; None counts as zeros."""
+    import torch
+
+    f32 = torch.float32
+    g_s = (torch.zeros((L.BH, L.K, L.Dv), dtype=f32, device=L.dev) if ds is None
+           else ds.to(f32).reshape(L.BH, L.K, L.Dv))
+    g_n = (torch.zeros((L.BH, L.K), dtype=f32, device=L.dev) if dn is None
+           else dn.to(f32).reshape(L.BH, L.K))
+    return g_s, g_n
+
+
 def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
                  key_mask: Optional[Any], state: tuple[Any, Any], dy: Optional[Any],
                  dstate: tuple[Optional[Any], Optional[Any]], *, norm: str = "row",
@@ -165,58 +255,44 @@ def gma_backward(q: Any, k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
     """[dq, dk, dv, dmean, dlog_var, dlogit] of bidirectional GMA (torch tensors)."""
     import torch
 
-    setup = _setup(q, v, mean, key_mask, norm, eps, layout, precision, config, False)
-    B, N, H, D, K, Dv, variant, interpret, cfg, bn = setup
-    dev, f32 = q.device, torch.float32
-    BH = B * H
-    tiles = max(1, cdiv(N, bn))
-    P = _programs(tiles, BH, cfg, interpret, dev)
-    seg = cdiv(tiles, P) * bn
-
-    mix, coef = _coefficient_args(mean, log_var, logit)
-    s, n = (t.detach().to(f32).reshape(BH, K, *t.shape[3:]).contiguous() for t in state)
+    L = _Launch(q, v, mean, log_var, logit, key_mask, norm, eps, layout, precision, config)
     dy = torch.zeros_like(v) if dy is None else dy
+    pa, pb, pc = L.partials(2)  # [queries, keys]
+    dq, g_s, g_n = _read_half(L, q, state, dy, norm, eps, (pa[0], pb[0], pc[0]))
     ds_ext, dn_ext = dstate
-
-    pa = torch.empty((2, P, BH, K, D), dtype=f32, device=dev)  # [queries, keys]
-    pb = torch.empty_like(pa)
-    pc = torch.empty((2, P, BH, K), dtype=f32, device=dev)
-    ps = torch.empty((P, BH, K, Dv), dtype=f32, device=dev)
-    pn = torch.empty((P, BH, K), dtype=f32, device=dev)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    dv = empty_tokens(v, B, N, H, Dv, layout, v.dtype)
-    common = {**coef, "N": N, "H": H, "BH": BH, "SEG": seg,
-              "BLOCK_N": bn}
-    warps, stages = int(cfg["num_warps"]), int(cfg["num_stages"])
-    launch_cfg = {kk: vv for kk, vv in cfg.items()}
-
-    fn, path, _ = _kernel("read", variant, interpret, launch_cfg)
-    launch.launch(fn, (BH, P), {**_tokens("q", q, layout), **_tokens("dy", dy, layout),
-                                **_tokens("dq", dq, layout), **common, "s_ptr": s, "n_ptr": n,
-                                "ps_ptr": ps, "pn_ptr": pn, "pa_ptr": pa[0], "pb_ptr": pb[0],
-                                "pc_ptr": pc[0]}, warps, stages, path)
-    g_s = ps.sum(0)  # fixed order over segments: deterministic
-    if norm == "row":
-        g_n = pn.sum(0)
-    else:  # the kernel summed dL/d(S / (n + eps))
-        inv = 1.0 / (n + eps)
-        g_n = -(g_s * s).sum(-1) * inv * inv
-        g_s = g_s * inv[..., None]
     if ds_ext is not None:
-        g_s = g_s + ds_ext.to(f32).reshape(BH, K, Dv)
+        g_s = g_s + ds_ext.to(torch.float32).reshape(L.BH, L.K, L.Dv)
     if dn_ext is not None:
-        g_n = g_n + dn_ext.to(f32).reshape(BH, K)
-    g_s, g_n = g_s.contiguous(), g_n.contiguous()
+        g_n = g_n + dn_ext.to(torch.float32).reshape(L.BH, L.K)
+    dk, dv = _write_half(L, k, v, key_mask, g_s, g_n, (pa[1], pb[1], pc[1]))
+    return [dq, dk, dv] + _mixture_grads(pa, pb, pc, L.B, L.mix, (mean, log_var, logit))
 
-    args = {**_tokens("k", k, layout), **_tokens("v", v, layout), **_tokens("dk", dk, layout),
-            **_tokens("dv", dv, layout), **common, "ds_ptr": g_s, "dn_ptr": g_n,
-            "pa_ptr": pa[1], "pb_ptr": pb[1], "pc_ptr": pc[1]}
-    if key_mask is not None:
-        args.update(mask_ptr=key_mask, mask_sb=key_mask.stride(0), mask_sn=key_mask.stride(1))
-    fn, path, _ = _kernel("write", variant, interpret, launch_cfg)
-    launch.launch(fn, (BH, P), args, warps, stages, path)
 
-    return [dq, dk, dv] + _mixture_grads(pa, pb, pc, B, mix, (mean, log_var, logit))
+def slot_read_backward(q: Any, mean: Any, log_var: Any, logit: Any, state: tuple[Any, Any],
+                       dy: Any, *, norm: str = "row", eps: float = 1e-6, layout: str = "bnhd",
+                       precision: str = "", config: Optional[dict] = None) -> list[Any]:
+    """[dq, dmean, dlog_var, dlogit, dS, dn] of y = slot_read(responsibility(q), (S, n)):
+    the read half of ``gma_backward``, for a memory that came from elsewhere (context
+    parallelism: the memory summed over ranks)."""
+    L = _Launch(q, dy, mean, log_var, logit, None, norm, eps, layout, precision, config)
+    partials = L.partials(1)
+    dq, g_s, g_n = _read_half(L, q, state, dy, norm, eps, tuple(p[0] for p in partials))
+    s, n = state
+    return ([dq] + _mixture_grads(*partials, L.B, L.mix, (mean, log_var, logit))
+            + [g_s.view(s.shape).to(s.dtype), g_n.view(n.shape).to(n.dtype)])
+
+
+def slot_write_backward(k: Any, v: Any, mean: Any, log_var: Any, logit: Any,
+                        key_mask: Optional[Any], dstate: tuple[Optional[Any], Optional[Any]], *,
+                        layout: str = "bnhd", precision: str = "",
+                        config: Optional[dict] = None) -> list[Any]:
+    """[dk, dv, dmean, dlog_var, dlogit] of (S, n) = slot_write(responsibility(k), v)
+    given (dL/dS, dL/dn): the write half of ``gma_backward``."""
+    L = _Launch(k, v, mean, log_var, logit, key_mask, "row", 1e-6, layout, precision, config)
+    partials = L.partials(1)
+    g_s, g_n = _state_grad(L, *dstate)
+    dk, dv = _write_half(L, k, v, key_mask, g_s, g_n, tuple(p[0] for p in partials))
+    return [dk, dv] + _mixture_grads(*partials, L.B, L.mix, (mean, log_var, logit))
 
 
 def sources(D: int, Dv: int, K: int, dtype: str = "f32", norm: str = "row",

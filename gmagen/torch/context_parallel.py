@@ -34,17 +34,11 @@ reduce: at most the payload once).
 
 The local causal scan is ``torch.ops.gmagen.gma`` with the incoming state as
 initial state (any backend of ``gmagen.torch.gma``, with its gradients).  The
-local slot_write and slot_read are, on backend="torch", the torch lowering's ops
-(``gmagen.backends.torch.ops``) under activation checkpointing; on the other
-backends, calls of the same op:
-
-  slot_write      a bidirectional call on the shard (q := k) returning its state;
-                  its y is not used
-  slot_read       a causal call with every key masked and the memory as initial
-                  state: query i then reads exactly the given memory
-
-Those two spend compute that write-only / read-only kernels would not (an unused
-read, resp. the masked keys' responsibilities and the in-chunk products).
+local slot_write and slot_read are ``slot_ops.slot_write`` / ``slot_read``: the
+two halves of a bidirectional call compiled apart (``gmagen.dsl``'s
+slot_write_program and slot_read_program) on the same backend, with the
+matching halves of its backward, so a rank does the work of one bidirectional
+call on its shard and no more.
 
 Collective semantics: every rank of the group makes the same calls with the same
 B, H, K, Dv, flags and dtypes, and, when training, backpropagates through every
@@ -70,11 +64,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
-
 from gmagen.errors import FrameworkError
 
-from .op import COVARIANCE_BY_RANK, gma_op, state_dtype
+from . import slot_ops
+from .op import gma_op, state_dtype
 
 
 # -- bytes exchanged ---------------------------------------------------------------
@@ -272,61 +265,20 @@ def _state_specs(q: Tensor, v: Tensor, mean: Tensor, layout: str):
     return [((B, H, K, Dv), sd, v.device), ((B, H, K), sd, v.device)]
 
 
-def _torch_write(k, v, mean, log_var, logit, key_mask, layout):
-    """slot_write with the torch lowering's ops (differentiable), [B, H, K, Dv], [B, H, K]."""
-    from gmagen.backends.torch import ops as torch_ops
-
-    if layout == "bhnd":
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # logical [B, N, H, X] views
-    r = torch_ops.responsibility(k, mean, log_var, logit, COVARIANCE_BY_RANK[log_var.dim()])
-    s, n = torch_ops.slot_write(r, v, key_mask)
-    sd = state_dtype(v)
-    return s.to(sd), n.to(sd)
-
-
-def _torch_read(q, v, mean, log_var, logit, s, n, norm, eps, layout):
-    """slot_read with the torch lowering's ops (differentiable); y in v's dtype and layout."""
-    from gmagen.backends.torch import ops as torch_ops
-
-    x = q.transpose(1, 2) if layout == "bhnd" else q
-    r = torch_ops.responsibility(x, mean, log_var, logit, COVARIANCE_BY_RANK[log_var.dim()])
-    y = torch_ops.slot_read(r, (s, n), norm=norm, eps=eps).to(v.dtype)
-    return y.transpose(1, 2) if layout == "bhnd" else y
-
-
-def _checkpointed(fn, *args):
-    """Recompute in backward instead of keeping the [B, N, H, K] responsibilities (as
-    ``gmagen.torch.grad`` does for the torch backend)."""
-    if torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def _slot_write(k, v, mean, log_var, logit, key_mask, eps, layout, backend, n_local):
-    """The shard's own state (S, n).  torch backend: the lowering's slot_write; other
-    backends: a bidirectional call's state (its y is computed but unused)."""
+def _slot_write(k, v, mean, log_var, logit, key_mask, layout, backend, n_local):
+    """The shard's own state (S, n): slot_ops.slot_write (only the write half runs)."""
     if n_local == 0:
         return _Zeros.apply(_state_specs(k, v, mean, layout), k, v, mean, log_var, logit)
-    if backend == "torch":
-        return _checkpointed(_torch_write, k, v, mean, log_var, logit, key_mask, layout)
-    _, s, n = gma_op(k, k, v, mean, log_var, logit, key_mask, None, None, False, "row", eps,
-                     layout, backend)
-    return s, n
+    return slot_ops.slot_write(k, v, mean, log_var, logit, key_mask, layout=layout,
+                               backend=backend)
 
 
 def _slot_read(q, v, mean, log_var, logit, s, n, norm, eps, layout, backend, n_local):
-    """y of the shard's queries reading the memory (S, n).  torch backend: the lowering's
-    slot_read; other backends: a causal call with every key masked (nothing is added to
-    the memory) and the memory as initial state."""
+    """y of the shard's queries reading the memory (S, n): slot_ops.slot_read."""
     if n_local == 0:
         return _Zeros.apply([(v.shape, v.dtype, v.device)], q, v, mean, log_var, logit, s, n)[0]
-    if backend == "torch":
-        return _checkpointed(_torch_read, q, v, mean, log_var, logit, s, n, norm, eps, layout)
-    B = q.shape[0]
-    nothing = torch.zeros((B, n_local), dtype=torch.bool, device=q.device)
-    y, _, _ = gma_op(q, q.detach(), v.detach(), mean, log_var, logit, nothing, s, n, True, norm,
-                     eps, layout, backend)
-    return y
+    return slot_ops.slot_read(q, mean, log_var, logit, s, n, v_dtype=v.dtype, norm=norm, eps=eps,
+                              layout=layout, backend=backend)
 
 
 def _causal_local(q, k, v, mean, log_var, logit, key_mask, s_in, n_in, norm, eps, layout,
@@ -361,8 +313,7 @@ def gma_context_parallel(q: Tensor, k: Tensor, v: Tensor, mean: Tensor, log_var:
     (arguments already checked by ``gma``); see the module docstring."""
     check_group(group)
     n_local = q.shape[1 if layout == "bnhd" else 2]
-    s_loc, n_loc = _slot_write(k, v, mean, log_var, logit, key_mask, eps, layout, backend,
-                               n_local)
+    s_loc, n_loc = _slot_write(k, v, mean, log_var, logit, key_mask, layout, backend, n_local)
     if not causal:
         s, n = _AllReduceState.apply(s_loc, n_loc, group)
         y = _slot_read(q, v, mean, log_var, logit, s, n, norm, eps, layout, backend, n_local)

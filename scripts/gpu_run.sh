@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned]   (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp]   (OUT defaults to ./gpu_out)
 #
 # The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
 # machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
@@ -78,6 +78,16 @@ if [[ "$mode" == tuned ]]; then
       --work "$OUT/tuned-work" --export "$OUT/autotune_export.json" ${TUNED_ARGS:-} 2>&1 \
       | tee "$OUT/tuned.log" | tail -60
   status=${PIPESTATUS[0]}
+fi
+if [[ "$mode" == cp ]]; then
+  # context parallelism on the one GPU this machine has: NCCL with a world of 1 (the
+  # sharded code path, its check against one process and its overhead; scaling
+  # needs 2 GPUs).  CP_ARGS adds options (e.g. --seq-len).
+  for variant in "" "--causal"; do
+    timeout "${CP_TIMEOUT:-150}" torchrun --standalone --nproc_per_node=1 examples/context_parallel.py \
+        --device cuda --dtype bfloat16 --seq-len 1048576 --heads 16 --dim 64 --components 64 \
+        --check-backward $variant ${CP_ARGS:-} 2>&1 | tee -a "$OUT/cp.log" | tail -12
+  done
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

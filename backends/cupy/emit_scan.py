@@ -13,11 +13,21 @@ final state.
           a_ij = rq_i . rk_j
     slot: w_ik = rq_ik / (n_k + sum_{j<=i} rk_jk + eps),
           y_i = w_i S + sum_{j<=i} (w_i . rk_j) v_j
+
+Tensor cores (``mma=1``, mma.py), per chunk: the logits as 3xTF32 MMAs; row
+norm: att = rq . rk^T in the token dtype T, num = att . v (T) + rq . S (W =
+bfloat16), den from the float32 att and float32 rq . n; slot norm: w in
+float32 on CUDA cores as above, then att = w . rk^T, y = att . v + w . S, all
+in W (w and att carry 1/(n + eps), past float16's range).  Tiles of att above
+the diagonal are skipped, and att . v stops at the diagonal tile.  The state
+S_s stays float32 (S_s += rk^T v in T on tensor cores); S_w, its W copy, is
+refreshed after each update.
 """
 
 from __future__ import annotations
 
 from .mixture import coefficient_params, mixture_setup, responsibilities
+from .mma import Operand, Term, product, wide_is_token
 from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
                       load_v_tile, mixtures, segment_range, smem_declare, state_store,
                       state_update, token_base, token_params)
@@ -52,10 +62,12 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     token_base(c, "y", const=False)
     for m, cov, _ in mixes:
         mixture_setup(c, m, cov)
-    c("// state entering segment seg: initial state, then segments 0..seg-1 in order")
-    c.open("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS)")
+    mma = bool(t.mma)
+    c("// state entering segment seg: initial state, then segments 0..seg-1 in order"
+      + ("; S_s [KPAD, BLOCK_DV] (stride SP), zero rows k >= K" if mma else ""))
+    c.open(f"for (int idx = tid; idx < {'KS' if mma else 'K'} * BLOCK_DV; idx += THREADS)")
     c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const bool ok = dv0 + j < DV;")
+      "const bool ok = k < K && dv0 + j < DV;" if mma else "const bool ok = dv0 + j < DV;")
     if v.init:
         c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
           "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
@@ -63,14 +75,107 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
         c("float a = 0.f;")
     c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
       "(long long)k * DV + dv0 + j] : 0.f;",
-      "S_s[idx] = a;")
+      "S_s[k * SP + j] = a;" if mma else "S_s[idx] = a;")
     c.close()
     c.open("for (int k = tid; k < K; k += THREADS)")
     c("float a = " + ("to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk]);" if v.init else "0.f;"),
       "for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];",
       "n_s[k] = a;")
     c.close()
+    if mma:
+        c("__syncthreads();")
+        _refresh_wide_state(c)
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
+    if mma:
+        _chunk_mma(c, v, mq, cq, mk, ck)
+    else:
+        _chunk_fma(c, v, mq, cq, mk, ck)
+    c.close()
+    c("__syncthreads();")
+    c.open("if (seg == gridDim.y - 1)")
+    c("// the last segment holds the final state")
+    state_store(c, "st", "nt", "bh * st_sbh", "bh * nt_sbh", bool(t.mma))
+    c.close()
+    c.close()
+    return finish(c, "gma_scan_fwd", f"causal chunked scan ({v.norm} norm)", v, t, config)
+
+
+def _refresh_wide_state(c: Code) -> None:
+    c("// S_w [KPAD, BLOCK_DV]: the state in W, the operand of rq . S")
+    c.open("for (int idx = tid; idx < KS * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;", "S_w[k * BDH + j] = cvt_W(S_s[k * SP + j]);")
+    c.close()
+
+
+def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
+    """One chunk on tensor cores (the module docstring: which product in which dtype)."""
+    row = v.norm == "row"
+    two = not wide_is_token(v)  # float16 tokens: separate T and W copies
+    if row:
+        q_copies = (("rq_t", "cvt_T"),) + ((("rq_w", "cvt_W"),) if two else ())
+    else:
+        q_copies = ()  # the slot weights w are written into rq_w below
+    k_copies = (("rk_t", "cvt_T"),) + ((("rk_w", "cvt_W"),) if two and not row else ())
+    responsibilities(c, "rq_s", "q", mq, cq, keep="", mma=True, copies=q_copies)
+    responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range", mma=True,
+                     copies=k_copies)
+    load_v_tile(c, mma=True, wide=two and not row)
+    if not row:
+        c("// slot norm: rq_w <- w_ik = rq_ik / (n_k(i) + eps) in W, n_k(i) inclusive prefix "
+          "(float32); zero columns k >= K")
+        c.open("for (int k = tid; k < KPAD; k += THREADS)")
+        c("float run = k < K ? n_s[k] : 0.f;")
+        c.open("for (int i = 0; i < BLOCK_N; ++i)")
+        c.open("if (k < K)")
+        c("run += rk_s[i * KP + k];", "rq_w[i * KH + k] = cvt_W(rq_s[i * KP + k] * (1.f / (run + EPS)));")
+        c.close(" else {")
+        c.depth += 1
+        c("rq_w[i * KH + k] = cvt_W(0.f);")
+        c.close()
+        c.close()
+        c.close()
+    c("__syncthreads();")
+    a, b, dt = ("rq_t", "rk_t", "T_t") if row else ("rq_w", "rk_w", "W_t")
+    product(c, f"intra-chunk affinities att_s [BLOCK_N, BLOCK_N] = {a} . {b}^T ({dt[0]})", "att_s",
+            "BNP", "BLOCK_N / 16", "BLOCK_N / 16",
+            [Term(Operand(a, "KH", "row"), Operand(b, "KH", "col"), "KPAD", dt)], skip_upper=True)
+    c("__syncthreads();")
+    att = "att_t" if row else "att_w"
+    c(f"// {att}: att in {dt[0]} with j > i zeroed (the causal mask), the operand of att . v")
+    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_N; idx += THREADS)")
+    c("const int i = idx / BLOCK_N, jj = idx % BLOCK_N;",
+      f"{att}[i * BNH + jj] = cvt_{dt[0]}(jj <= i ? att_s[i * BNP + jj] : 0.f);")
+    c.close()
+    if row:
+        c("// row norm: den_i = sum_{j<=i} a_ij + rq_i . n + eps (float32; one warp per row)")
+        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+        c("float s = 0.f;",
+          "for (int jj = lane; jj <= i; jj += 32) s += att_s[i * BNP + jj];",
+          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
+          "s = warp_sum(s);",
+          "if (lane == 0) den_s[i] = s + EPS;")
+        c.close()
+    c("__syncthreads();")
+    vb = "v_t" if row else "v_w"
+    product(c, f"y_s [BLOCK_N, BLOCK_DV] = {att} . {vb} ({dt[0]}, up to the diagonal tile) + "
+            f"rq_w . S_w (W)", "y_s", "SP", "BLOCK_N / 16", "BLOCK_DV / 16",
+            [Term(Operand(att, "BNH", "row"), Operand(vb, "BDH", "row"), "(mt + 1) * 16", dt),
+             Term(Operand("rq_w", "KH", "row"), Operand("S_w", "BDH", "row"), "KPAD", "W_t")])
+    c("__syncthreads();  // y_s complete; S_w and n_s were read")
+    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
+    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const float num = y_s[i * SP + j];",
+      "const long long row = n0 + i;")
+    value = "num / den_s[i]" if row else "num"
+    c(f"if (row < end && dv0 + j < DV) store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd, "
+      f"{value});")
+    c.close()
+    state_update(c, mma=True)
+    c("__syncthreads();")
+    _refresh_wide_state(c)
+
+def _chunk_fma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
+    """One chunk on CUDA cores: every product an FMA loop of one owner thread."""
     responsibilities(c, "rq_s", "q", mq, cq, keep="")
     responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range")
     load_v_tile(c)
@@ -117,11 +222,3 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c.close()
     c("__syncthreads();  // S_s and n_s were read above")
     state_update(c)
-    c.close()
-    c("__syncthreads();")
-    c.open("if (seg == gridDim.y - 1)")
-    c("// the last segment holds the final state")
-    state_store(c, "st", "nt", "bh * st_sbh", "bh * nt_sbh")
-    c.close()
-    c.close()
-    return finish(c, "gma_scan_fwd", f"causal chunked scan ({v.norm} norm)", v, t, config)

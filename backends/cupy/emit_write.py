@@ -6,6 +6,10 @@ segment p into S_s [K, BLOCK_DV] / n_s [K] in shared memory and stores them
 at partial p; with several segments ``gma_reduce`` adds the partials in
 segment order, so the result is deterministic.  The causal scan reuses this
 kernel for the states its segments start from.
+
+Tensor cores (``mma=1``, mma.py): the logits as 3xTF32 MMAs, and S_s += rk^T v
+with rk and v in the token dtype (rk_t, v_t), float32 accumulation in S_s;
+n stays a float32 column sum of the float32 responsibilities.
 """
 
 from __future__ import annotations
@@ -33,15 +37,17 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     token_base(c, "k")
     token_base(c, "v")
     mixture_setup(c, "mk", v.k_covariance)
-    state_zero(c)
+    mma = bool(t.mma)
+    state_zero(c, mma)
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
-    responsibilities(c, "rk_s", "k", "mk", v.k_covariance, keep="mask" if v.mask else "range")
-    load_v_tile(c)
+    responsibilities(c, "rk_s", "k", "mk", v.k_covariance, keep="mask" if v.mask else "range",
+                     mma=mma, copies=(("rk_t", "cvt_T"),) if mma else ())
+    load_v_tile(c, mma)
     c("__syncthreads();")
-    state_update(c)
+    state_update(c, mma)
     c.close()
     c("__syncthreads();")
-    state_store(c, "s", "n", "seg * s_sp + bh * s_sbh", "seg * n_sp + bh * n_sbh")
+    state_store(c, "s", "n", "seg * s_sp + bh * s_sbh", "seg * n_sp + bh * n_sbh", mma)
     c.close()
     return finish(c, "gma_write_fwd", "responsibility + slot_write over keys", v, t, config)
 

@@ -73,19 +73,25 @@ def mixture_setup(c: Code, m: str, covariance: str) -> None:
     c.close()
 
 
-def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str) -> None:
+def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str,
+                     mma: bool = False, copies: tuple[tuple[str, str], ...] = ()) -> None:
     """``{r}`` [BLOCK_N, KP] = softmax over k of the logits of token rows n0 + i
     (rows at or past ``end`` read as zeros).  ``keep``: "" (every row normalized),
     "range" (rows past ``end`` zeroed) or "mask" (and rows whose key_mask is False).
 
     The logits are the expanded form of the module docstring: per D chunk, x.b (and
     (x*x).a for diag) for each (row, k), and |x|^2 per row for spherical; shared
-    covariance needs x.b only.  x*x is formed in registers: one multiply and two
-    FMAs per (row, k, d), the operation count of the direct form's (x - mu)^2 w,
-    with no extra shared-memory tile or load."""
+    covariance needs x.b only.  CUDA cores (``mma`` False): x*x is formed in
+    registers, one multiply and two FMAs per (row, k, d), the operation count of the
+    direct form's (x - mu)^2 w, with no extra shared-memory tile or load.  Tensor
+    cores (``mma``): the same products as 3xTF32 MMAs (mma.py), accumulated in
+    ``{r}`` over the D chunks; coefficient rows k >= K are zero, and ``copies``
+    ((buffer, converter) pairs, e.g. ("rk_t", "cvt_T")) receive the normalized
+    responsibilities as [BLOCK_N, KPAD] MMA operands, zeros in columns k >= K."""
     c(f"// responsibilities of {t} rows [n0, n0 + BLOCK_N): {r} [BLOCK_N, K] (mixture {m})")
     c("__syncthreads();  // earlier readers of the tiles below are done")
-    c(f"for (int idx = tid; idx < BLOCK_N * K; idx += THREADS) {r}[(idx / K) * KP + idx % K] = 0.f;")
+    if not mma:
+        c(f"for (int idx = tid; idx < BLOCK_N * K; idx += THREADS) {r}[(idx / K) * KP + idx % K] = 0.f;")
     if covariance == "spherical":
         c("for (int i = tid; i < BLOCK_N; i += THREADS) xx_s[i] = 0.f;")
     c.open("for (int d0 = 0; d0 < D; d0 += DC)")
@@ -96,33 +102,48 @@ def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str
       f"x_s[i * DCP + d] = (row < end && d0 + d < D) ? "
       f"to_f({t}_base[row * {t}_sn + (long long)(d0 + d) * {t}_sd]) : 0.f;")
     c.close()
-    c("// the coefficients of columns [d0, d0 + DC): b_s (and a_s) [K, DC]")
-    c.open("for (int idx = tid; idx < K * DC; idx += THREADS)")
+    rows = "KPAD" if mma else "K"
+    c(f"// the coefficients of columns [d0, d0 + DC): b_s (and a_s) [{rows}, DC]"
+      + ("; rows k >= K are zero" if mma else ""))
+    c.open(f"for (int idx = tid; idx < {rows} * DC; idx += THREADS)")
     c("const int k = idx / DC, d = idx % DC;",
-      "const bool ok = d0 + d < D;",
+      "const bool ok = " + ("k < K && d0 + d < D;" if mma else "d0 + d < D;"),
       "const long long at = (h * K + k) * D + d0 + d;",
       f"b_s[k * DCP + d] = ok ? {m}_b[at] : 0.f;")
     if covariance == "diag":
         c(f"a_s[k * DCP + d] = ok ? {m}_a[at] : 0.f;")
     c.close()
     c("__syncthreads();")
-    c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
-    c("const int i = idx / K, k = idx % K;",
-      "const float* xr = x_s + i * DCP;",
-      "const float* br = b_s + k * DCP;")
-    if covariance == "diag":
-        c("const float* ar = a_s + k * DCP;",
-          "float lb = 0.f, la = 0.f;  // x.b and (x*x).a: two independent FMA chains",
-          "#pragma unroll 8")
-        c.open("for (int d = 0; d < DC; ++d)")
-        c("const float xv = xr[d];", "lb = fmaf(xv, br[d], lb);", "la = fmaf(xv * xv, ar[d], la);")
-        c.close()
-        c(f"{r}[i * KP + k] += lb + la;")
+    if mma:
+        from .mma import Operand, Term, product
+
+        terms = [Term(Operand("x_s", "DCP", "row", "round"), Operand("b_s", "DCP", "col", "hi_lo"),
+                      "DC", "tf32")]
+        if covariance == "diag":
+            terms.append(Term(Operand("x_s", "DCP", "row", "square"),
+                              Operand("a_s", "DCP", "col", "hi_lo"), "DC", "tf32"))
+        what = f"logits {r} [BLOCK_N, KPAD] += x . b^T" + \
+            (" + (x*x) . a^T" if covariance == "diag" else "") + \
+            " (3xTF32: x exact in tf32, b and a split hi + lo)"
+        product(c, what, r, "KP", "BLOCK_N / 16", "KPAD / 16", terms, init="d0 == 0")
     else:
-        c("float l = 0.f;", "#pragma unroll 8",
-          "for (int d = 0; d < DC; ++d) l = fmaf(xr[d], br[d], l);",
-          f"{r}[i * KP + k] += l;")
-    c.close()
+        c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
+        c("const int i = idx / K, k = idx % K;",
+          "const float* xr = x_s + i * DCP;",
+          "const float* br = b_s + k * DCP;")
+        if covariance == "diag":
+            c("const float* ar = a_s + k * DCP;",
+              "float lb = 0.f, la = 0.f;  // x.b and (x*x).a: two independent FMA chains",
+              "#pragma unroll 8")
+            c.open("for (int d = 0; d < DC; ++d)")
+            c("const float xv = xr[d];", "lb = fmaf(xv, br[d], lb);", "la = fmaf(xv * xv, ar[d], la);")
+            c.close()
+            c(f"{r}[i * KP + k] += lb + la;")
+        else:
+            c("float l = 0.f;", "#pragma unroll 8",
+              "for (int d = 0; d < DC; ++d) l = fmaf(xr[d], br[d], l);",
+              f"{r}[i * KP + k] += l;")
+        c.close()
     if covariance == "spherical":
         c("// |x|^2 of each row (owner thread per row)")
         c.open("for (int i = tid; i < BLOCK_N; i += THREADS)")
@@ -153,6 +174,14 @@ def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str
         c(f"const float inv = ({cond}) ? 1.f / sum : 0.f;  // dropped keys write nothing")
     else:
         c("const float inv = 1.f / sum;")
-    c(f"for (int k = lane; k < K; k += 32) {r}[i * KP + k] *= inv;")
+    if mma:
+        c.open("for (int k = lane; k < KPAD; k += 32)")
+        c(f"const float p = k < K ? {r}[i * KP + k] * inv : 0.f;  // padded components: 0",
+          f"{r}[i * KP + k] = p;")
+        for buf, cvt in copies:
+            c(f"{buf}[i * KH + k] = {cvt}(p);")
+        c.close()
+    else:
+        c(f"for (int k = lane; k < K; k += 32) {r}[i * KP + k] *= inv;")
     c.close()
     c("__syncthreads();")

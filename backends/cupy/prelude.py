@@ -61,6 +61,7 @@ class Tiles:
     block_dv: int = 64
     d_chunk: int = 32
     num_threads: int = 256
+    mma: int = 0  # 1: tensor cores for the big products (mma.py), 0: CUDA-core FMA
 
 
 def pad_odd(x: int) -> int:
@@ -83,7 +84,8 @@ def mixtures(v: Variant) -> list[tuple[str, str, str]]:
 
 
 def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
-    """(name, floats) of the kernel's dynamic shared memory, in order."""
+    """(name, floats) of the CUDA-core kernels' dynamic shared memory, in order
+    (the MMA kernels': mma.buffers)."""
     if v.kind in ("reduce", "coefficients"):
         return []
     dcp = pad_odd(t.d_chunk)
@@ -115,6 +117,10 @@ def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
 
 
 def smem_bytes(v: Variant, t: Tiles) -> int:
+    if t.mma and v.kind not in ("reduce", "coefficients"):
+        from . import mma
+
+        return 4 * mma.smem_floats(v, t)
     return 4 * sum(n for _, n in smem_buffers(v, t))
 
 
@@ -185,6 +191,8 @@ _CONVERSIONS = {
     "bf16": "GMA_DEVICE float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }\n",
 }
 
+_CVT = {"f16": "__float2half_rn", "bf16": "__float2bfloat16_rn"}
+
 _STORE = {"f32": "*p = v;", "f64": "*p = static_cast<double>(v);", "f16": "*p = __float2half_rn(v);",
           "bf16": "*p = __float2bfloat16_rn(v);"}
 
@@ -209,19 +217,31 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
              "// config:  " + ", ".join(f"{k}={val}" for k, val in sorted(config.items()))]
     if t is not None:
         lines.append(f"// shared memory: {smem_bytes(v, t)} bytes (dynamic)")
-    used = {v.dtype, v.param_dtype, v.state_dtype}
+    mma = bool(t is not None and t.mma and v.kind not in ("reduce", "coefficients"))
+    if mma:
+        from . import mma as _mma
+
+        lines.append("// tensor cores: WMMA, float32 accumulation (mma.py's docstring: precision "
+                     "per product)")
+    used = {v.dtype, v.param_dtype, v.state_dtype} | ({"bf16"} if mma else set())
     for dt in ("f16", "bf16"):
         if dt in used:
             lines.append(f"#include <{HEADERS[dt]}>")
+    if mma:
+        lines.append(_mma.INCLUDE)
     lines += ["",
               f"typedef {CUDA_TYPE[v.dtype]} T_t;      // tokens q, k, v and y",
               f"typedef {CUDA_TYPE[v.param_dtype]} P_t;      // mixture parameters",
-              f"typedef {CUDA_TYPE[v.state_dtype]} A_t;      // memory / initial state",
-              "",
+              f"typedef {CUDA_TYPE[v.state_dtype]} A_t;      // memory / initial state"]
+    if mma:
+        lines.append(f"typedef {CUDA_TYPE[_mma.WIDE]} W_t;  // operands of products with S and "
+                     f"slot weights (float16 overflows)")
+    lines += ["",
               f"[[maybe_unused]] constexpr int D = {v.D};",
               f"[[maybe_unused]] constexpr int DV = {v.Dv};",
               f"[[maybe_unused]] constexpr int K = {v.K};",
-              f"[[maybe_unused]] constexpr int KP = {pad_odd(v.K)};  // row stride of [BLOCK_N, K] tiles",
+              *([] if mma else [f"[[maybe_unused]] constexpr int KP = {pad_odd(v.K)};  "
+                                f"// row stride of [BLOCK_N, K] tiles"]),
               f"[[maybe_unused]] constexpr float EPS = {float(v.eps)!r}f;",
               f"[[maybe_unused]] constexpr float LOG2E = {LOG2E!r}f;",
               f"[[maybe_unused]] constexpr float HALF_LOG2E = {LOG2E / 2!r}f;"]
@@ -230,15 +250,22 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
                   "[[maybe_unused]] constexpr int NWARPS = THREADS / 32;",
                   f"[[maybe_unused]] constexpr int BLOCK_N = {t.block_n};",
                   f"[[maybe_unused]] constexpr int BLOCK_DV = {t.block_dv};",
-                  f"[[maybe_unused]] constexpr int DC = {t.d_chunk};   // D columns per shared-memory chunk",
-                  f"[[maybe_unused]] constexpr int DCP = {pad_odd(t.d_chunk)};",
-                  f"[[maybe_unused]] constexpr int BNP = {pad_odd(t.block_n)};"]
+                  f"[[maybe_unused]] constexpr int DC = {t.d_chunk};   // D columns per shared-memory chunk"]
+        if mma:
+            lines += _mma.constants(v, t)
+        else:
+            lines += [f"[[maybe_unused]] constexpr int DCP = {pad_odd(t.d_chunk)};",
+                      f"[[maybe_unused]] constexpr int BNP = {pad_odd(t.block_n)};"]
     else:
         lines += ["[[maybe_unused]] constexpr int THREADS = 256;",
                   "[[maybe_unused]] constexpr int NWARPS = THREADS / 32;"]
     conv = "".join(_CONVERSIONS[d] for d in ("f16", "bf16") if d in used)
     helpers = _HELPERS.replace("{conversions}", conv)
     store = f"GMA_DEVICE void store_T(T_t* p, float v) {{ {_STORE[v.dtype]} }}\n"
+    if mma:
+        store += (f"GMA_DEVICE T_t cvt_T(float v) {{ return {_CVT[v.dtype]}(v); }}\n"
+                  f"GMA_DEVICE W_t cvt_W(float v) {{ return {_CVT[_mma.WIDE]}(v); }}\n"
+                  + _mma.HELPERS)
     return "\n".join(lines) + "\n" + helpers + "\n" + store + "\n"
 
 
@@ -263,11 +290,16 @@ def kernel_open(c: Code, name: str, params: list[str], grid_doc: str) -> None:
 
 
 def smem_declare(c: Code, v: Variant, t: Tiles) -> None:
-    c("extern __shared__ __align__(16) float smem[];")
-    offset = 0
-    for name, count in smem_buffers(v, t):
-        c(f"float* const {name} = smem + {offset};  // {count} floats")
-        offset += count
+    if t.mma:
+        from . import mma
+
+        mma.declare(c, v, t)
+    else:
+        c("extern __shared__ __align__(16) float smem[];")
+        offset = 0
+        for name, count in smem_buffers(v, t):
+            c(f"float* const {name} = smem + {offset};  // {count} floats")
+            offset += count
     c("const int tid = threadIdx.x;", "const int lane = tid & 31;", "const int warp = tid >> 5;")
 
 
@@ -289,44 +321,75 @@ def token_base(c: Code, t: str, const: bool = True) -> None:
 
 # --------------------------------------------------------------------------- state
 
-def load_v_tile(c: Code) -> None:
-    """``v_s`` [BLOCK_N, BLOCK_DV]: values of rows n0 + i, columns dv0 + j (zeros outside)."""
-    c("// values: v_s [BLOCK_N, BLOCK_DV]")
+def load_v_tile(c: Code, mma: bool = False, wide: bool = False) -> None:
+    """``v_s`` [BLOCK_N, BLOCK_DV]: values of rows n0 + i, columns dv0 + j (zeros outside).
+    MMA kernels: ``v_t`` in the token dtype (a copy, no rounding) and, ``wide``,
+    ``v_w`` in W (the slot-norm scan's att . v)."""
+    if not mma:
+        c("// values: v_s [BLOCK_N, BLOCK_DV]")
+        c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
+        c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+          "const long long row = n0 + i;",
+          "v_s[idx] = (row < end && dv0 + j < DV) ? "
+          "to_f(v_base[row * v_sn + (long long)(dv0 + j) * v_sd]) : 0.f;")
+        c.close()
+        return
+    c("// values: v_t [BLOCK_N, BLOCK_DV] (MMA operand, row stride BDH; zeros outside)"
+      + ("; v_w: the same in W" if wide else ""))
     c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
     c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
       "const long long row = n0 + i;",
-      "v_s[idx] = (row < end && dv0 + j < DV) ? "
-      "to_f(v_base[row * v_sn + (long long)(dv0 + j) * v_sd]) : 0.f;")
+      "const T_t x = (row < end && dv0 + j < DV) ? "
+      "v_base[row * v_sn + (long long)(dv0 + j) * v_sd] : cvt_T(0.f);",
+      "v_t[i * BDH + j] = x;")
+    if wide:
+        c("v_w[i * BDH + j] = cvt_W(to_f(x));")
     c.close()
 
 
-def state_zero(c: Code) -> None:
-    c("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS) S_s[idx] = 0.f;",
-      "for (int k = tid; k < K; k += THREADS) n_s[k] = 0.f;")
+def state_zero(c: Code, mma: bool = False) -> None:
+    if mma:  # S_s [KPAD, BLOCK_DV], stride SP: padded rows k >= K stay 0
+        c("for (int idx = tid; idx < KS * BLOCK_DV; idx += THREADS) "
+          "S_s[(idx / BLOCK_DV) * SP + idx % BLOCK_DV] = 0.f;")
+    else:
+        c("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS) S_s[idx] = 0.f;")
+    c("for (int k = tid; k < K; k += THREADS) n_s[k] = 0.f;")
 
 
-def state_update(c: Code) -> None:
-    """S_s[k, j] += sum_i rk_s[i, k] v_s[i, j];  n_s[k] += sum_i rk_s[i, k]."""
-    c("// state update: S += rk^T v, n += colsum(rk)  (owner (k, j): fixed order)")
-    c.open()
-    c("const int j = tid % BLOCK_DV;")
-    c.open("for (int k = tid / BLOCK_DV; k < K; k += THREADS / BLOCK_DV)")
-    c("float a = 0.f;", "#pragma unroll 4")
-    c("for (int i = 0; i < BLOCK_N; ++i) a = fmaf(rk_s[i * KP + k], v_s[i * BLOCK_DV + j], a);",
-      "S_s[k * BLOCK_DV + j] += a;")
-    c.close()
-    c.close()
+def state_update(c: Code, mma: bool = False) -> None:
+    """S_s[k, j] += sum_i rk_s[i, k] v_s[i, j];  n_s[k] += sum_i rk_s[i, k].
+    MMA: S_s += rk_t^T v_t on tensor cores (token dtype, float32 accumulation);
+    n from the float32 responsibilities."""
+    if mma:
+        from .mma import Operand, Term, product
+
+        product(c, "state update S_s [KPAD, BLOCK_DV] += rk^T v (token dtype)", "S_s", "SP",
+                "KPAD / 16", "BLOCK_DV / 16",
+                [Term(Operand("rk_t", "KH", "col"), Operand("v_t", "BDH", "row"), "BLOCK_N",
+                      "T_t")], init="load")
+        c("// n += colsum(rk) in float32 (owner k: fixed order)")
+    else:
+        c("// state update: S += rk^T v, n += colsum(rk)  (owner (k, j): fixed order)")
+        c.open()
+        c("const int j = tid % BLOCK_DV;")
+        c.open("for (int k = tid / BLOCK_DV; k < K; k += THREADS / BLOCK_DV)")
+        c("float a = 0.f;", "#pragma unroll 4")
+        c("for (int i = 0; i < BLOCK_N; ++i) a = fmaf(rk_s[i * KP + k], v_s[i * BLOCK_DV + j], a);",
+          "S_s[k * BLOCK_DV + j] += a;")
+        c.close()
+        c.close()
     c.open("for (int k = tid; k < K; k += THREADS)")
     c("float a = 0.f;", "for (int i = 0; i < BLOCK_N; ++i) a += rk_s[i * KP + k];", "n_s[k] += a;")
     c.close()
 
 
-def state_store(c: Code, s: str, n: str, base_s: str, base_n: str) -> None:
+def state_store(c: Code, s: str, n: str, base_s: str, base_n: str, mma: bool = False) -> None:
     """Write S_s / n_s to float32 ``{s}`` at ``base_s + k * {s}_sk + dv * {s}_sdv`` (and
     n from the first Dv block only)."""
     c.open("for (int idx = tid; idx < K * BLOCK_DV; idx += THREADS)")
     c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;")
-    c(f"if (dv0 + j < DV) {s}_ptr[{base_s} + k * {s}_sk + (long long)(dv0 + j) * {s}_sdv] = S_s[idx];")
+    at = "S_s[k * SP + j]" if mma else "S_s[idx]"
+    c(f"if (dv0 + j < DV) {s}_ptr[{base_s} + k * {s}_sk + (long long)(dv0 + j) * {s}_sdv] = {at};")
     c.close()
     c.open("if (blockIdx.z == 0)")
     c(f"for (int k = tid; k < K; k += THREADS) {n}_ptr[{base_n} + k * {n}_sk] = n_s[k];")

@@ -7,10 +7,18 @@ Knobs (a Config; ``str()`` pastes back into ``gmagen.compile(config=...)``):
   d_chunk      D columns staged in shared memory per step of the logits
   num_threads  threads per block
   segments     blocks per (b, h) along N; 0 = enough to fill the GPU
+  mma          1: tensor cores (WMMA) for the big products (mma.py), 0: CUDA-core
+               FMA.  Default 1 for float16/bfloat16 tokens; float32 tokens take
+               0 only (their products stay exact float32 FMA: tf32 would break
+               the 1e-4 contract).  With mma=1, block_n and block_dv are
+               multiples of 16 and d_chunk of 8 (the MMA tile).
 
-Every tile lives in shared memory (layout: ``prelude.smem_buffers``); the
-default shrinks tiles until a block needs at most SMEM_LIMIT bytes, which
-every GPU from sm_80 on grants to one block (past 48 KB the launch opts in).
+Every tile lives in shared memory (layout: ``prelude.smem_buffers``, MMA:
+``mma.buffers``); the default shrinks tiles until a block needs at most
+SMEM_LIMIT bytes, which every GPU from sm_80 on grants to one block (past
+48 KB the launch opts in).  When even the smallest MMA tiles do not fit (the
+causal scan at K ~ 256), the default is mma=0; an explicit mma=1 is then
+refused like any config that does not fit.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ SMEM_LIMIT = 96 * 1024
 MAX_K = 256
 
 KNOBS: dict[str, dict[str, tuple]] = {
-    "responsibility": {"block_n": (8, 16, 32, 64, 128), "d_chunk": (), "num_threads": (64, 128, 256, 512)},
+    "responsibility": {"block_n": (8, 16, 32, 64, 128), "d_chunk": (), "num_threads": (64, 128, 256, 512),
+                       "mma": (0, 1)},
     "write": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-              "num_threads": (64, 128, 256, 512), "segments": ()},
+              "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
     "read": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-             "num_threads": (64, 128, 256, 512), "segments": ()},
+             "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
     "scan": {"block_n": (8, 16, 32, 64), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-             "num_threads": (64, 128, 256, 512), "segments": ()},
+             "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
 }
+
+MMA_DTYPES = ("f16", "bf16")
 
 
 def pow2_at_least(x: int, lo: int = 8) -> int:
@@ -44,29 +55,42 @@ def pow2_at_least(x: int, lo: int = 8) -> int:
 def tiles_of(config: Config) -> Tiles:
     return Tiles(block_n=int(config.get("block_n", 64)), block_dv=int(config.get("block_dv", 64)),
                  d_chunk=int(config.get("d_chunk", 32)),
-                 num_threads=int(config.get("num_threads", 256)))
+                 num_threads=int(config.get("num_threads", 256)), mma=int(config.get("mma", 0)))
 
 
 def default_config(kind: str, D: int, Dv: int, K: int, dtype: str = "f32",
                    variant: Variant | None = None) -> Config:
     """Largest tiles that fit SMEM_LIMIT: start from block_n 64 (scan: 32),
-    block_dv 64, d_chunk 32 and halve d_chunk, block_dv, block_n in turn."""
+    block_dv 64, d_chunk 32 and halve d_chunk, block_dv, block_n in turn; mma=1
+    for 16-bit tokens when its tiles fit (floors 16, 16, 8), else 0."""
     v = variant or Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype,
                            same_mixture=False)
+    cfg = None
+    if dtype in MMA_DTYPES:
+        cfg = _shrink(kind, Dv, D, v, mma=1)
+    if cfg is None:
+        cfg = _shrink(kind, Dv, D, v, mma=0) or {}
+    if kind == "responsibility":
+        return Config(block_n=cfg["block_n"], d_chunk=cfg["d_chunk"], num_threads=256,
+                      mma=cfg["mma"])
+    return Config(cfg, segments=0)
+
+
+def _shrink(kind: str, Dv: int, D: int, v: Variant, mma: int) -> dict | None:
     cfg = {"block_n": 32 if kind == "scan" else 64,
-           "block_dv": min(pow2_at_least(Dv), 64),
-           "d_chunk": min(pow2_at_least(D), 32), "num_threads": 256}
+           "block_dv": min(pow2_at_least(Dv, 16 if mma else 8), 64),
+           "d_chunk": min(pow2_at_least(D), 32), "num_threads": 256, "mma": mma}
     order = ["d_chunk", "block_dv", "block_n", "d_chunk", "block_n", "block_dv", "block_n"]
-    floor = {"d_chunk": 8, "block_dv": 16, "block_n": 8}
+    floor = {"d_chunk": 8, "block_dv": 16, "block_n": 16 if mma else 8}
     i = 0
     while smem_bytes(v, tiles_of(Config(cfg))) > SMEM_LIMIT and i < 50:
         knob = order[i % len(order)]
         if cfg[knob] > floor[knob]:
             cfg[knob] //= 2
         i += 1
-    if kind == "responsibility":
-        return Config(block_n=cfg["block_n"], d_chunk=cfg["d_chunk"], num_threads=256)
-    return Config(cfg, segments=0)
+    if mma and smem_bytes(v, tiles_of(Config(cfg))) > SMEM_LIMIT:
+        return None
+    return cfg
 
 
 def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
@@ -86,6 +110,17 @@ def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
     t = tiles_of(config)
     if "d_chunk" in config and not 1 <= t.d_chunk <= 128:
         raise OptionError(f"cupy {kind} config d_chunk={t.d_chunk}: expected 1..128")
+    if t.mma:
+        if v is not None and v.dtype not in MMA_DTYPES:
+            raise OptionError(f"cupy {kind} config mma=1: tensor cores serve float16/bfloat16 "
+                              f"tokens only; expected mma=0 for {v.dtype} tokens, got mma=1 (the "
+                              f"float32 products stay exact FMA)")
+        for knob, value, step in (("block_n", t.block_n, 16), ("block_dv", t.block_dv, 16),
+                                  ("d_chunk", t.d_chunk, 8)):
+            if knob in config and value % step:
+                raise OptionError(f"cupy {kind} config {knob}={value} with mma=1: expected a "
+                                  f"multiple of {step} (the tensor-core tile), got {value}; "
+                                  f"or pass mma=0")
     if kind != "responsibility" and t.block_dv > t.num_threads:
         raise OptionError(f"cupy {kind} config block_dv={t.block_dv} exceeds "
                           f"num_threads={t.num_threads}")

@@ -1,7 +1,8 @@
 """gma_responsibility_fwd: R [B, N, H, K] (float32) for ``gmagen.responsibilities``.
 
 Must match ``oracle.responsibility``.  Block (token tile, b*h) computes the
-responsibilities of BLOCK_N rows and stores them through R's strides.
+responsibilities of BLOCK_N rows and stores them through R's strides.  With
+``mma=1`` (16-bit tokens) the logits are 3xTF32 tensor-core products (mma.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c("const long long n0 = (long long)blockIdx.x * BLOCK_N;", "const long long end = N;")
     token_base(c, "q")
     mixture_setup(c, "mq", v.q_covariance)
-    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="")
+    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="", mma=bool(t.mma))
     c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
     c("const int i = idx / K, k = idx % K;", "const long long row = n0 + i;",
       "if (row < N) r_ptr[b * r_sb + h * r_sh + row * r_sn + k * r_sk] = rq_s[i * KP + k];")

@@ -4,7 +4,10 @@ one per kernel kind in f16; sm_80: every kernel kind x dtype; gma_coefficients
 for every covariance and parameter dtype), ptxas reports no local-memory
 spills for the default configs, the header names the variant and the config,
 the responsibilities use the centred expanded form, and lowering through
-``gmagen`` works without a GPU given ``arch=``.
+``gmagen`` works without a GPU given ``arch=``.  16-bit kernels default to
+tensor cores (mma=1); their CUDA-core path (mma=0) compiles too (every kernel
+kind x 16-bit dtype x arch, and every bf16 variant on sm_90), and the MMA
+sources have the structure mma.py describes (products, precisions, padding).
 
 Registers and spills of each kernel are printed (``pytest -s``) and, with
 GMAGEN_CUPY_RESOURCES=path, written as JSON.  Compiles go through the NVRTC
@@ -88,25 +91,43 @@ BIG = [Variant("scan", 256, 256, 256, "bf16", mask=True, init=True, same_mixture
        coefficients(256, 256, "bf16", "diag"), coefficients(20, 1, "f32", "spherical"),
        coefficients(96, 48, "f16", "shared"), coefficients(256, 256, "f32", "spherical")]
 
-CASES = [(v, "sm_90") for v in _variants()] + [(v, "sm_80") for v in _sm80_variants()] + \
-        [(v, "sm_90") for v in BIG]
+def _fma_variants() -> list[Variant]:
+    """16-bit kernels on CUDA cores (mma=0): every bf16 variant of a main kernel,
+    one per kind in f16 (the sm_80 list adds one per kind and dtype)."""
+    return [v for v in _variants() if v.dtype != "f32" and v.kind not in ("reduce", "coefficients")]
 
 
-def _config(v: Variant):
+def _sm80_fma_variants() -> list[Variant]:
+    return [v for v in _sm80_variants() if v.dtype != "f32"
+            and v.kind not in ("reduce", "coefficients")]
+
+
+# (variant, arch, mma): mma None = the default config (tensor cores for 16-bit tokens)
+CASES = [(v, "sm_90", None) for v in _variants()] + [(v, "sm_80", None) for v in _sm80_variants()] + \
+        [(v, "sm_90", None) for v in BIG] + [(v, "sm_90", 0) for v in _fma_variants()] + \
+        [(v, "sm_80", 0) for v in _sm80_fma_variants()]
+
+
+def _config(v: Variant, mma: int | None = None):
     if v.kind == "coefficients":
         return gmagen.Config()  # no tiles: one source for every config
     kind = "write" if v.kind == "reduce" else v.kind
-    return space.default_config(kind, v.D, v.Dv, v.K, v.dtype, variant=v)
+    if mma is None or v.kind == "reduce":
+        return space.default_config(kind, v.D, v.Dv, v.K, v.dtype, variant=v)
+    # the CUDA-core path's default: what float32 tokens of the same shape get
+    fma = space.default_config(kind, v.D, v.Dv, v.K, "f32",
+                               variant=Variant(**{**v.describe(), "dtype": "f32"}))
+    return fma.replace(mma=mma)
 
 
-def _emit(v: Variant):
-    cfg = _config(v)
+def _emit(v: Variant, mma: int | None = None):
+    cfg = _config(v, mma)
     return EMIT[v.kind](v, space.tiles_of(cfg), dict(cfg))
 
 
 def _compile(case: tuple) -> None:
-    v, arch = case
-    build(_emit(v), arch)
+    v, arch, mma = case
+    build(_emit(v, mma), arch)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,7 +142,7 @@ _TABLE: list[dict] = []
 
 
 def _case_id(case: tuple) -> str:
-    v, arch = case
+    v, arch, mma = case
     if v.kind == "coefficients":
         return "-".join([v.kind, f"D{v.D}-K{v.K}", v.param_dtype, v.q_covariance, arch])
     tags = [v.kind, f"D{v.D}-Dv{v.Dv}-K{v.K}", v.dtype]
@@ -132,19 +153,21 @@ def _case_id(case: tuple) -> str:
     if v.kind in ("read", "scan"):
         tags.append(v.norm)
     tags += [t for t, on in (("mask", v.mask), ("init", v.init)) if on]
+    if mma is not None:
+        tags.append(f"mma{mma}")
     return "-".join(tags + [arch])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_compiles_without_spills(case):
-    v, arch = case
-    emitted = _emit(v)
+    v, arch, mma = case
+    emitted = _emit(v, mma)
     compiled = build(emitted, arch)
     assert compiled.cubin.startswith(b"\x7fELF")
     res = compiled.resources[emitted.name]
     row = {"case": _case_id(case), "kernel": emitted.name, "registers": res.registers,
            "spill_stores": res.spill_stores, "spill_loads": res.spill_loads,
-           "stack": res.stack_frame, "smem": emitted.smem, "config": str(_config(v))}
+           "stack": res.stack_frame, "smem": emitted.smem, "config": str(_config(v, mma))}
     _TABLE.append(row)
     print(f"\n{row['case']:60s} regs {res.registers:3d} spills {res.spill_stores}/"
           f"{res.spill_loads} stack {res.stack_frame} smem {emitted.smem}")

@@ -2,6 +2,10 @@
 covariance x key mask) in bf16/f16/f32, initial/final state, N=1, N=1000,
 K=1, D=Dv=K=256, bhnd layout, fully masked keys, large float32 inputs per
 covariance, torch tensors on torch's current stream and CuPy arrays on CuPy's.
+16-bit tokens run on tensor cores by default (config mma=1; every check
+asserts which path ran); the CUDA-core path (mma=0) of 16-bit tokens is
+checked on every causal x norm variant, and against the MMA path on the same
+inputs; explicit MMA configs with few and many warps per tile.
 
 Skipped without a CUDA device (CI); run with the Triton GPU tests.  Results go
 to $GMAGEN_GPU_RESULTS.<worker> like tests/gpu/test_triton_cuda.py.
@@ -77,11 +81,31 @@ def _nan_filled(monkeypatch):
     monkeypatch.setattr(launch, "empty", nan_empty)
 
 
-def _check(program, arrs, dtype, mask=None, tol=None, name="", init=None, **call):
+def _configs(kern) -> list:
+    cfg = kern.config
+    return list(cfg.values()) if isinstance(cfg, dict) else [cfg]
+
+
+def _assert_path(kern, dtype, config) -> None:
+    """16-bit tokens: tensor cores unless the config says mma=0 (or the scan's MMA
+    tiles do not fit, K ~ 256: mma=0 by default); float32: CUDA cores."""
+    want = config.get("mma") if config else None
+    for cfg in _configs(kern):
+        if dtype == "f32":
+            assert cfg["mma"] == 0, cfg
+        elif want is not None:
+            assert cfg["mma"] == want, cfg
+    if dtype != "f32" and want == 1:
+        assert "wmma::mma_sync" in kern.source
+    if want == 0:
+        assert "wmma" not in kern.source
+
+
+def _check(program, arrs, dtype, mask=None, tol=None, name="", init=None, config=None, **call):
     ref, ref_state = gmagen.compile(program)(*arrs, key_mask=mask, initial_state=init,
                                              return_state=True, **call) if init is not None else \
         gmagen.compile(program)(*arrs, key_mask=mask, return_state=True, **call)
-    kern = gmagen.compile(program, backend="cupy")
+    kern = gmagen.compile(program, backend="cupy", config=config)
     t_mask = None if mask is None else torch.tensor(mask, device="cuda")
     extra = {}
     if init is not None:
@@ -94,7 +118,8 @@ def _check(program, arrs, dtype, mask=None, tol=None, name="", init=None, **call
     err_n = _rel(n.cpu().numpy(), ref_state[1])
     tol = tol or TOLERANCES[dtype]
     _record(test=name, dtype=dtype, error=err, state_error=err_s, n_error=err_n, tol=tol,
-            config=str(kern.config))
+            config=str(kern.config), mma=[int(c["mma"]) for c in _configs(kern)])
+    _assert_path(kern, dtype, config)
     assert y.dtype == TORCH_DTYPES[dtype]
     assert err <= tol, f"{name}: y error {err:.3e} > {tol:.0e}"
     assert err_s <= max(tol, 1e-4), f"{name}: state S error {err_s:.3e}"
@@ -115,8 +140,66 @@ def test_variant(causal, norm, cov, masked, dtype):
     B, N, H, D, Dv, K = 2, 300, 3, 64, 64, 64
     arrs = _inputs(rng, B, N, H, D, Dv, K, cov, dtype)
     mask = rng.random((B, N)) > 0.25 if masked else None
+    kern = _check(gmagen.gma(causal=causal, norm=norm, covariance=cov), arrs, dtype, mask,
+                  name=f"cupy-variant-{causal}-{norm}-{cov}-{masked}")
+    assert all(c["mma"] == (dtype != "f32") for c in _configs(kern))  # 16-bit: tensor cores
+
+
+FMA_VARIANTS = list(itertools.product((False, True), ("row", "slot"), ("diag", "spherical")))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("causal,norm,cov", FMA_VARIANTS,
+                         ids=[f"{'causal' if c else 'bidir'}-{n}-{v}" for c, n, v in FMA_VARIANTS])
+def test_variant_cuda_cores(causal, norm, cov, dtype):
+    """16-bit tokens on the CUDA-core path (mma=0), selectable as a fallback."""
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 300, 3, 64, 64, 64
+    arrs = _inputs(rng, B, N, H, D, Dv, K, cov, dtype)
+    mask = rng.random((B, N)) > 0.25
     _check(gmagen.gma(causal=causal, norm=norm, covariance=cov), arrs, dtype, mask,
-           name=f"cupy-variant-{causal}-{norm}-{cov}-{masked}")
+           name=f"cupy-fma-{causal}-{norm}-{cov}", config={"mma": 0})
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_mma_matches_cuda_cores(norm, causal, dtype):
+    """The same inputs through mma=1 and mma=0: both within the contract, and
+    within it of each other (a layout or padding bug shows up as a gross gap)."""
+    rng = np.random.default_rng()
+    B, N, H, D, Dv, K = 2, 777, 2, 72, 40, 24
+    arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype)
+    mask = rng.random((B, N)) > 0.2
+    program = gmagen.gma(causal=causal, norm=norm)
+    ys = []
+    for mma in (1, 0):
+        kern = _check(program, arrs, dtype, mask, name=f"cupy-mma{mma}-{norm}-{causal}",
+                      config={"mma": mma})
+        ys.append(kern(*_cuda(arrs, dtype), key_mask=torch.tensor(mask, device="cuda")).float())
+    torch.cuda.synchronize()
+    gap = _rel(ys[0].cpu().numpy(), ys[1].cpu().numpy().astype(np.float64))
+    _record(test=f"cupy-mma-vs-fma-{norm}-{causal}", dtype=dtype, error=gap, tol=TOLERANCES[dtype])
+    assert gap <= TOLERANCES[dtype], f"mma=1 vs mma=0: {gap:.3e}"
+
+
+# explicit MMA tiles: more tiles than warps (2 warps), more warps than tiles
+# (16 warps on 16-row tiles), wide Dv tiles; shapes that pad K, D and Dv
+MMA_CONFIGS = [dict(block_n=16, block_dv=16, d_chunk=8, num_threads=64),
+               dict(block_n=16, block_dv=32, d_chunk=16, num_threads=512),
+               dict(block_n=32, block_dv=128, d_chunk=64, num_threads=128)]
+
+
+@pytest.mark.parametrize("cfg", MMA_CONFIGS, ids=["small-2warps", "16warps", "wide-4warps"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_mma_configs(norm, causal, cfg):
+    rng = np.random.default_rng()
+    for dtype, (D, Dv, K) in (("bf16", (40, 72, 24)), ("f16", (20, 33, 7))):
+        arrs = _inputs(rng, 2, 211, 2, D, Dv, K, "spherical", dtype)
+        mask = rng.random((2, 211)) > 0.3
+        _check(gmagen.gma(causal=causal, norm=norm, covariance="spherical"), arrs, dtype, mask,
+               name=f"cupy-mma-config-{norm}-{causal}-{cfg}", config={**cfg, "mma": 1})
 
 
 SHAPES = [(1, 1, 1, 16, 16, 1), (2, 1, 3, 64, 64, 64), (2, 17, 2, 20, 33, 7),
@@ -128,7 +211,7 @@ SHAPES = [(1, 1, 1, 16, 16, 1), (2, 1, 3, 64, 64, 64), (2, 17, 2, 20, 33, 7),
                                                       for s in SHAPES])
 def test_shapes(B, N, H, D, Dv, K, causal):
     rng = np.random.default_rng()
-    for dtype in ("bf16", "f32"):
+    for dtype in ("bf16", "f16", "f32"):
         arrs = _inputs(rng, B, N, H, D, Dv, K, "diag", dtype)
         _check(gmagen.gma(causal=causal), arrs, dtype,
                name=f"cupy-shape-{B}-{N}-{D}-{Dv}-{K}-{causal}")
@@ -138,8 +221,9 @@ def test_shapes(B, N, H, D, Dv, K, causal):
 @pytest.mark.parametrize("D,Dv,K", [(256, 256, 256), (128, 128, 256), (64, 128, 64)])
 def test_large_heads(D, Dv, K, causal):
     rng = np.random.default_rng()
-    for dtype in ("bf16", "f32"):
+    for dtype in ("bf16", "f16", "f32"):
         arrs = _inputs(rng, 1, 300, 2, D, Dv, K, "diag", dtype)
+        # (the scan's MMA tiles do not fit shared memory at K = 256: mma=0 there by default)
         _check(gmagen.gma(causal=causal), arrs, dtype, name=f"cupy-large-{D}-{Dv}-{K}-{causal}")
 
 
@@ -151,7 +235,7 @@ def test_k_over_256_refused():
 
 
 @pytest.mark.parametrize("norm", ["row", "slot"])
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
 def test_initial_state(norm, dtype):
     """A given initial state; the final state and y match the oracle."""
     rng = np.random.default_rng()
@@ -168,7 +252,7 @@ def test_initial_state(norm, dtype):
 def test_hard_cases(hard, causal):
     rng = np.random.default_rng()
     B, N, H, D, Dv, K = 2, 200, 2, 64, 64, 16
-    for dtype in ("bf16", "f32"):
+    for dtype in ("bf16", "f16", "f32"):
         # float32 at log_var = -8, D = 64 is bounded by float32 itself (see the Triton test)
         kw = {"sharp": dict(log_var_shift=-4.0 if dtype == "f32" else -8.0),
               "large": dict(scale=20.0)}.get(hard, {})

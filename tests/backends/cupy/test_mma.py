@@ -180,3 +180,30 @@ def test_explicit_mma_configs_compile(kind, cfg):
         if cfg["num_threads"] <= 256:  # 512 threads leave 128 registers: the scan spills a little
             assert res.spill_stores == 0 and res.spill_loads == 0, (cfg, compiled.log)
         assert "wmma.mma.sync" in compiled.ptx and ".tf32" in compiled.ptx
+
+
+def test_compile_api_knob():
+    """Through gmagen.compile without a GPU (arch=): the example specialization of
+    kernel.source is float32, so mma=1 is refused naming the knob; mma=0 lowers."""
+    kern = _compile_only(gmagen.gma(causal=True), {"mma": 1})
+    with pytest.raises(OptionError, match="expected mma=0 for f32 tokens, got mma=1"):
+        kern.source
+    src = _compile_only(gmagen.gma(), {"mma": 0}).source
+    assert "wmma" not in src and "mma=0" in src
+
+
+def _compile_only(program, config):
+    """gmagen.compile(arch="sm_90") where it allows compile-only lowering, else the
+    same Kernel built directly (gmagen.compile refuses unavailable backends)."""
+    from gmagen.errors import BackendUnavailable
+
+    try:
+        return gmagen.compile(program, backend="cupy", arch="sm_90", config=config)
+    except BackendUnavailable:
+        from gmagen.backends.registry import _load
+        from gmagen.ir.passes.plan import plan_program
+        from gmagen.kernel import Kernel
+
+        be = _load("cupy")
+        return Kernel(program, plan_program(program), be, gmagen.Config(config),
+                      be.check_options({"arch": "sm_90"}))

@@ -5,6 +5,16 @@ Lowering needs no GPU: with ``arch="sm_90"`` (any arch NVRTC knows) the
 kernels are generated and compiled here, so ``kernel.source`` and the cubins
 (``executable.compiled[...]``: ptxas resources, PTX) can be inspected on a CPU
 machine; running needs a CUDA device.  Nothing heavy is imported here.
+
+Arithmetic: float32 tokens run every product as exact float32 FMA on CUDA
+cores (the 1e-4 contract).  float16/bfloat16 tokens run the big products on
+tensor cores (config knob ``mma``, default 1; mma.py): the logits as 3xTF32
+(~float32: they cancel), slot_write and the causal affinities in the token
+dtype, products with the float32 state S and slot weights in bfloat16, all
+accumulated in float32 -- the precisions of the Triton backend.  ``mma=0``
+keeps 16-bit tokens on the CUDA-core path (a fallback to ask for, never taken
+silently; the one default exception: causal scans whose MMA tiles do not fit
+shared memory, K ~ 256, default to 0).
 """
 
 from __future__ import annotations
@@ -138,7 +148,8 @@ class CupyBackend(Backend):
         return CupyExecutable(kernel, binding, space.validate(kernel.kind, full), arch)
 
     def describe(self) -> str:
-        return ("cupy: CUDA C++ through NVRTC (f32/f16/bf16, float32 accumulation); every "
+        return ("cupy: CUDA C++ through NVRTC (f32/f16/bf16, float32 accumulation; tensor "
+                "cores for f16/bf16, config mma=1); every "
                 "variant, key mask, state, both layouts, any strides; compiles without a GPU "
                 "given arch=; no varlen yet")
 

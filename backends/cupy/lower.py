@@ -13,6 +13,9 @@ reads (the queries', and the keys' when they have their own), writing the
 centred logit coefficients into a float32 scratch buffer that every kernel of
 the call reads (mixture.py's docstring says why they are computed apart).
 
+The config's ``mma`` knob picks, for all of a plan's tiled kernels, tensor
+cores (1, 16-bit tokens only; mma.py) or CUDA cores (0; space.py).
+
 Lowering generates and compiles for ``arch`` (the option, else the device's),
 which needs no GPU; running loads the cubins on the call's device and
 launches on the caller's stream.

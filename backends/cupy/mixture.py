@@ -26,6 +26,11 @@ float32 contract.  Rounded after centring, the coefficients carry an error
 relative to the spread of the precisions over k, not to the precisions, and
 the products they enter are that much smaller.
 
+On tensor cores (``mma=1``, 16-bit tokens) the same expanded products run as
+3xTF32 MMAs (mma.py): plain tf32 keeps 11 bits, far from what these
+cancelling sums need; with b and a split into tf32 hi + lo, and x exact in
+tf32, the products keep ~2^-21 of each term, close to float32.
+
 Why a separate kernel: centring needs every k of a column, and a, b take
 2 K D floats per head (512 KB at K = D = 256), too many for shared memory;
 recomputing them in float64 per block would repeat K x D double exps in every

@@ -4,7 +4,8 @@ A generated kernel is one translation unit: a header comment, the dtype
 typedefs, the size constants of its specialization (``constexpr``), the device
 helpers below, and one ``extern "C" __global__`` kernel whose body the
 emitters write from these building blocks.  All arithmetic is float32, except
-in ``gma_coefficients``.
+in ``gma_coefficients`` and in the tensor-core products of ``mma=1`` kernels
+(16-bit tokens; mma.py: tf32 and 16-bit operands, float32 accumulation).
 
 Responsibilities (mixture.py) use GMA_SPEC's expanded form in base 2, with
 coefficients that ``gma_coefficients`` (emit_coefficients.py) computes once per
@@ -15,7 +16,10 @@ rows, the D axis streamed through shared memory in chunks of DC columns (x and
 the chunk of a and b), the responsibilities of a tile [BLOCK_N, K] in shared
 memory, the state [K, BLOCK_DV] in shared memory.  Loops over tile elements
 stride by THREADS, so every size is legal; every element has exactly one owner
-thread, so sums happen in a fixed order and results are deterministic.
+thread, so sums happen in a fixed order and results are deterministic.  With
+``mma=1`` the products instead run one warp per 16 x 16 output tile (mma.py;
+fixed owner and order as well), over the layout of ``mma.buffers``: K padded
+to 16 with zeros, 16-byte strides, 16-bit copies of r, v and S as operands.
 """
 
 from __future__ import annotations

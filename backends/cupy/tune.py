@@ -21,7 +21,8 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     """The tile knobs of ``kind`` (KNOBS in space.py; tiles no wider than the head)
     around ``default``; a config is valid when space.validate accepts it for this
     shape (shared memory within the block's limit, block_dv <= num_threads).
-    segments keeps its default."""
+    segments and mma keep their defaults (16-bit tokens: tensor cores; compare
+    with mma=0 by hand, never silently)."""
     caps = {"block_dv": _space.pow2_at_least(Dv), "d_chunk": _space.pow2_at_least(D)}
     knobs = {}
     for name in ("block_n", "block_dv", "d_chunk", "num_threads"):

@@ -130,7 +130,7 @@ class TVMBackend(Backend):
     def default_config(self, kernel: KernelPlan, binding: Any) -> Config:
         from .space import default_config
 
-        return default_config(kernel.kind)
+        return default_config(kernel.kind, "cuda" if "cuda" in self.devices else "llvm")
 
     def lower(self, kernel: KernelPlan, binding: Any, config: Config,
               options: Mapping[str, Any]) -> Executable:

@@ -14,8 +14,10 @@ from .prelude import Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
-    g = Graph("read", layout, dims, target_kind, token_dtype)
+         target_kind: str = "llvm", token_dtype: str = "float32", tile: int = 0) -> Graph:
+    g = Graph("read", layout, dims, target_kind, token_dtype, tile=tile)
+    if tile:
+        return _emit_tiled(g, kernel)
     op = kernel.main
     K, Dv = dims["K"], dims["Dv"]
     eps = float(op.eps)
@@ -46,5 +48,44 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     else:
         y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
         g.stage(y, "bhn", "y in layout bhnd")
+    g.output(op.out, y, g.token_shape(Dv))
+    return g
+
+
+def _emit_tiled(g: Graph, kernel: Any) -> Graph:
+    """cuda: per tile of tokens, the products with the memory are "gemm" stages
+    over shared r (slot: r / (n + eps) first, one division per (token, k))."""
+    op = kernel.main
+    K, Dv = g.dims["K"], g.dims["Dv"]
+    eps = float(op.eps)
+    r = g.r_operand(kernel, "r", "q")
+    s_mem, n_mem = g.memory(op.memory)
+    k1 = te.reduce_axis((0, K), name="k")
+    if op.norm == "slot":
+        rn = g.per_token("q_rn", (K,), lambda ix, k: r[(*ix, k)] / (n_mem[ix[0], ix[1], k] + eps),
+                         "r_ik / (n_k + eps)  [N, K]", "map")
+        num = g.per_token("num", (Dv,), lambda ix, e: te.sum(
+            rn[(*ix, k1)] * s_mem[ix[0], ix[1], k1, e], axis=k1),
+            "sum_k r_ik / (n_k + eps) S_k  [N, Dv]", "gemm", (s_mem.op.name,))
+
+        def y_of(b, h, i, e):
+            return num[(*g.ix_of(b, h, i), e)]
+    else:
+        num = g.per_token("num", (Dv,), lambda ix, e: te.sum(
+            r[(*ix, k1)] * s_mem[ix[0], ix[1], k1, e], axis=k1), "sum_k r_ik S_k  [N, Dv]",
+            "gemm", (s_mem.op.name,))
+        k2 = te.reduce_axis((0, K), name="k")
+        den = g.per_token("den", (), lambda ix: te.sum(r[(*ix, k2)] * n_mem[ix[0], ix[1], k2],
+                                                       axis=k2), "sum_k r_ik n_k  [N]", "rows")
+
+        def y_of(b, h, i, e):
+            ix = g.ix_of(b, h, i)
+            return num[(*ix, e)] / (den[ix] + eps)
+    if g.layout == "bnhd":
+        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        g.stage(y, "bnh", "y in layout bnhd", "out")
+    else:
+        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        g.stage(y, "bhn", "y in layout bhnd", "out")
     g.output(op.out, y, g.token_shape(Dv))
     return g

@@ -13,15 +13,18 @@ from .prelude import Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm",
-         token_dtype: str = "float32") -> Graph:
-    g = Graph("responsibility", layout, dims, target_kind, token_dtype)
+         token_dtype: str = "float32", tile: int = 0) -> Graph:
+    g = Graph("responsibility", layout, dims, target_kind, token_dtype, tile=tile)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]
+
+    def at(b, h, n, k):
+        return r[(*g.ix_of(b, h, n), k)]
     if layout == "bnhd":
-        out = te.compute((g.B, g.N, g.H, K), lambda b, n, h, k: r[b, h, n, k], name="R")
+        out = te.compute((g.B, g.N, g.H, K), lambda b, n, h, k: at(b, h, n, k), name="R")
     else:
-        out = te.compute((g.B, g.H, g.N, K), lambda b, h, n, k: r[b, h, n, k], name="R")
-    g.stage(out, "bnh" if layout == "bnhd" else "bhn", f"R in layout {layout}")
+        out = te.compute((g.B, g.H, g.N, K), lambda b, h, n, k: at(b, h, n, k), name="R")
+    g.stage(out, "bnh" if layout == "bnhd" else "bhn", f"R in layout {layout}", "out")
     g.output(op.out, out, g.token_shape(K))
     return g

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import te
+from tvm import te, tirx
 
-from .prelude import Graph
+from .prelude import F32, Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
-    g = Graph("write", layout, dims, target_kind, token_dtype)
+         target_kind: str = "llvm", token_dtype: str = "float32", tile: int = 0,
+         segment_tiles: int = 1) -> Graph:
+    g = Graph("write", layout, dims, target_kind, token_dtype, tile=tile)
+    if tile:
+        return _emit_tiled(g, kernel, present, segment_tiles)
     op = kernel.main
     K, Dv = dims["K"], dims["Dv"]
     r = g.r_operand(kernel, "r", "k")
@@ -29,6 +32,56 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     n_mem = te.compute((g.B, g.H, K), lambda b, h, k: te.sum(w(b, h, j2, k), axis=j2), name="n")
     g.stage(s_mem, "bh", "S = sum_j m_j r_jk v_j  [B, H, K, Dv]")
     g.stage(n_mem, "bh", "n = sum_j m_j r_jk  [B, H, K]")
+    g.output(op.out, s_mem, ("B", "H", K, Dv), "S")
+    g.output(op.out, n_mem, ("B", "H", K), "n")
+    return g
+
+
+def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -> Graph:
+    """cuda: segments of ``segment_tiles`` token tiles per (b, h); per segment
+
+        S_seg [K, Dv + 1] = sum_(j in segment) r_jk [m_j v_j, m_j]
+
+    (a tile of [v, 1] with masked keys and tokens past N zeroed: column Dv is n),
+    then S and n sum the segments in order."""
+    op = kernel.main
+    K, Dv, TPS = g.dims["K"], g.dims["Dv"], segment_tiles
+    B, H = g.B, g.H
+    r = g.r_operand(kernel, "r", "k")
+    raw = g.input(op.v, g.token_shape(Dv), dtype=g.token_dtype)
+    mask = g.key_mask(op.key_mask if op.key_mask in present else None)
+    zero, one = tirx.const(0, g.token_dtype), tirx.const(1, g.token_dtype)
+
+    def load(ix, e):
+        b, h, n = ix[0], ix[1], g.n_of(ix)
+        keep = n < g.N
+        if mask is not None:
+            keep = tirx.all(keep, mask(b, n))
+        v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
+        return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)
+    vx = g.per_token("v_ext", (Dv + 1,), load, f"[m_j v_j, m_j] tile  [N, Dv + 1] "
+                     f"({g.token_dtype}; zeros past N)", "fill")
+    nseg = tirx.indexdiv(g.tiles + (TPS - 1), TPS)
+    jt = te.reduce_axis((0, TPS), name="jt")
+    ji = te.reduce_axis((0, g.tile), name="ji")
+
+    def term(b, h, s, k, e):
+        t = s * TPS + jt
+        v = vx[b, h, t, ji, e]
+        v = v if g.token_dtype == F32 else v.astype(F32)
+        return tirx.if_then_else(t < g.tiles, r[b, h, t, ji, k] * v, tirx.const(0.0, F32))
+    part = te.compute((B, H, nseg, K, Dv + 1), lambda b, h, s, k, e: te.sum(
+        term(b, h, s, k, e), axis=[jt, ji]), name="S_seg")
+    g.stage(part, "bhs", f"S_seg = sum_(j in segment) r_jk [m_j v_j, m_j]  [B, H, NSEG, K, "
+            f"Dv + 1], segments of {TPS} tiles", "out")
+    s1 = te.reduce_axis((0, nseg), name="s")
+    s_mem = te.compute((B, H, K, Dv), lambda b, h, k, e: te.sum(part[b, h, s1, k, e], axis=s1),
+                       name="S")
+    s2 = te.reduce_axis((0, nseg), name="s")
+    n_mem = te.compute((B, H, K), lambda b, h, k: te.sum(part[b, h, s2, k, Dv], axis=s2),
+                       name="n")
+    g.stage(s_mem, "bh", "S = sum over segments (in order)  [B, H, K, Dv]")
+    g.stage(n_mem, "bh", "n = sum over segments (in order)  [B, H, K]")
     g.output(op.out, s_mem, ("B", "H", K, Dv), "S")
     g.output(op.out, n_mem, ("B", "H", K), "n")
     return g

@@ -26,6 +26,10 @@ TARGET_KINDS = ("llvm", "cuda")
 TOKEN_DTYPES = {"llvm": ("f32",), "cuda": ("f32", "f16", "bf16")}
 NUMPY_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 FUNC_NAME = "main"
+# Test hook: True builds the cuda plans' tiled graphs (emit_*: ``tile``) for llvm too,
+# with the CPU schedule, so that their numerics are checked without a GPU
+# (tests/backends/tvm/test_tiled_graphs.py); part of the build cache key.
+TILED_ON_CPU = False
 
 
 def target_dict(kind: str, arch: str = "") -> dict:
@@ -35,12 +39,15 @@ def target_dict(kind: str, arch: str = "") -> dict:
 
 def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozenset,
           config: Config, target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
+    # cuda: per-token stages in tiles of block_n tokens (schedule_cuda.py)
+    tile = int(config["block_n"]) if target_kind == "cuda" or TILED_ON_CPU else 0
     if kernel.kind == "responsibility":
-        return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype)
+        return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile)
     if kernel.kind == "write":
-        return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype)
+        return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
+                               int(config["write_tiles"]))
     if kernel.kind == "read":
-        return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype)
+        return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile)
     return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind,
                           token_dtype)
 
@@ -66,7 +73,8 @@ def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: 
     the generated CUDA source."""
     import tvm
 
-    _, mod, _ = scheduled_module(kernel, layout, dims, present, space.validate(config), "cuda",
+    _, mod, _ = scheduled_module(kernel, layout, dims, present,
+                                 space.validate(config, "cuda"), "cuda",
                                  token_dtype)
     lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)))
     return lib_cuda_source(lib)
@@ -99,7 +107,7 @@ class TVMExecutable(Executable):
                              f"pass float32 arrays")
         self.kernel = kernel
         self.layout = binding.layout
-        self.config = space.validate(config)
+        self.config = space.validate(config, target)
         self.target = target
         self.arch = arch if target == "cuda" else ""
         self.token_dtype = NUMPY_NAMES[token]
@@ -110,7 +118,7 @@ class TVMExecutable(Executable):
         key = ("tvm", tvm.__version__, kernel.kind, tuple(print_op(op) for op in kernel.ops),
                kernel.inputs, kernel.outputs, self.layout, tuple(sorted(self.present)),
                tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())), target,
-               self.arch, self.token_dtype)
+               self.arch, self.token_dtype, TILED_ON_CPU)
         self.built = launch.build(key, self._make, target_dict(target, self.arch))
         self.source = self.built.source
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from tvm import te
+from tvm import te, tirx
 
 from gmagen.errors import UnsupportedFeature
 from gmagen.ir import ops as _ops
@@ -42,10 +42,20 @@ class Param:
 @dataclass(frozen=True)
 class Stage:
     """A loop nest to schedule; ``loops`` names its leading loops: "bhn" (batch,
-    head, token), "bnh" (a result in layout bnhd) or "bh" (no token loop)."""
+    head, token), "bnh" (a result in layout bnhd), "bh" (no token loop) or "bhti"
+    (batch, head, token tile, token in the tile: ``Graph.tile``).  ``role`` tells
+    the cuda schedule (``schedule_cuda.py``) how to map a tiled stage onto a
+    thread block: "fill" (a cooperative copy), "map" (elementwise), "rows" (one
+    reduction per token), "gemm" (a product with a reduction: micro tiles in
+    registers), "out" (the kernel's result); ``cache`` names the small tables a
+    "gemm" stage stages through shared memory in chunks of its reduction."""
 
     name: str
     loops: str
+    role: str = ""
+    cache: tuple = ()
+    ndim: int = 0
+    bits: int = 32
 
 
 @dataclass
@@ -65,6 +75,8 @@ class Graph:
     stages: list[Stage] = field(default_factory=list)
     inline: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
+    mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     # -- parameters ------------------------------------------------------------
@@ -113,11 +125,54 @@ class Graph:
     def output(self, name: str, tensor: Any, shape: tuple[Dim, ...], part: str = "") -> None:
         self.outputs.append(Param(name, part, tensor, shape, F32))
 
-    def stage(self, tensor: Any, loops: str, note: str = "") -> Any:
-        self.stages.append(Stage(tensor.op.name, loops))
+    def stage(self, tensor: Any, loops: str, note: str = "", role: str = "",
+              cache: tuple = ()) -> Any:
+        import tvm
+
+        self.stages.append(Stage(tensor.op.name, loops, role, cache, len(tensor.shape),
+                                 int(tvm.DataType(str(tensor.dtype)).bits)))
         if note:
             self.notes.append(f"{tensor.op.name}: {note}")
         return tensor
+
+    # -- the token index space of per-token stages -------------------------------------
+    # flat (tile == 0): ix = (b, h, n), stages [B, H, N, *X]; tiled: ix = (b, h, t, i)
+    # with token n = t * tile + i, stages [B, H, NT, tile, *X] (NT = ceil(N / tile)):
+    # what a thread block computes for one tile has a constant shape, so the cuda
+    # schedule can keep it in shared memory (tokens past N are computed from zeros
+    # and never written out)
+    @property
+    def tiles(self) -> Any:
+        from tvm import tirx
+
+        return tirx.indexdiv(self.N + (self.tile - 1), self.tile)
+
+    def token_lead(self) -> tuple:
+        if self.tile:
+            return (self.B, self.H, self.tiles, self.tile)
+        return (self.B, self.H, self.N)
+
+    def n_of(self, ix: tuple) -> Any:
+        return ix[2] * self.tile + ix[3] if self.tile else ix[2]
+
+    def ix_of(self, b: Any, h: Any, n: Any) -> tuple:
+        """The per-token index of token n of (b, h) (flat consumers of tiled stages)."""
+        if self.tile:
+            from tvm import tirx
+
+            return (b, h, tirx.indexdiv(n, self.tile), tirx.indexmod(n, self.tile))
+        return (b, h, n)
+
+    def per_token(self, name: str, rest: tuple, f: Callable[..., Any], note: str = "",
+                  role: str = "", cache: tuple = ()) -> Any:
+        """A stage [*token_lead, *rest] computing f(ix, *rest_indices)."""
+        lead = len(self.token_lead())
+        t = te.compute((*self.token_lead(), *rest),
+                       lambda *i: f(tuple(i[:lead]), *i[lead:]), name=name)
+        return self.stage(t, "bhti" if self.tile else "bhn", note, role, cache)
+
+    def token_valid(self, ix: tuple) -> Any:
+        return self.n_of(ix) < self.N
 
     def params(self) -> list[Any]:
         return [p.tensor for p in self.inputs + self.outputs]
@@ -158,8 +213,14 @@ class Graph:
             raise UnsupportedFeature(f"tvm backend: covariance={cov!r}, expected one "
                                      f"of {_ops.COVARIANCES}")
         rho = self.input(op.log_var, rho_shape)
-        prec_t = te.compute(self._sym(rho_shape), lambda *i: te.exp(-rho[i].astype(F64)),
-                            name=tag + "prec")
+        if self.tile:  # cuda: exp(-rho) recomputed where used (float64, [H, K, D] at most)
+            class _Prec:
+                def __getitem__(self, i: Any) -> Any:
+                    return te.exp(-rho[i].astype(F64))
+            prec_t: Any = _Prec()
+        else:
+            prec_t = te.compute(self._sym(rho_shape), lambda *i: te.exp(-rho[i].astype(F64)),
+                                name=tag + "prec")
 
         def at(t: Any, h: Any, k: Any, i: Any) -> Any:
             """t[h, k, i] of a tensor shaped like log_var, broadcast over k and d."""
@@ -177,6 +238,7 @@ class Graph:
             out = te.compute((H, K, *rest), lambda h, kk, *r: (
                 value(h, kk, *r) - total[(h, *r)] * (1.0 / K)).astype(F32), name=tag + name)
             self.notes.append(f"{out.op.name}: {note}, centred over k (float64, then rounded)")
+            self.mixtures.append((out.op.name, total.op.name))
             return out
 
         a = None
@@ -198,6 +260,7 @@ class Graph:
                            name=tag + "c_sum")
         c = te.compute((H, K), lambda h, k: (logit[h, k].astype(F64) - 0.5 * c_sum[h, k])
                        .astype(F32), name=tag + "c")
+        self.mixtures.append((c.op.name, c_sum.op.name))
         self.notes.append(f"{c.op.name}: alpha - 1/2 sum_d (mu^2 exp(-rho)"
                           + ("" if cov == "shared" else " + rho")
                           + ")  [H, K] (float64, then rounded)")
@@ -205,58 +268,75 @@ class Graph:
         return self._cache[key]
 
     def responsibility(self, op: _ops.Responsibility, tag: str) -> Any:
-        """r [B, H, N, K] of the token input op.x (oracle.responsibility): the
+        """r [*token_lead, K] of the token input op.x (oracle.responsibility): the
         logits in the expanded form with centred coefficients (``_mixture``: the
         products are float32, their coefficients rounded from float64), then a
-        stable softmax over k (row max subtracted)."""
+        stable softmax over k (row max subtracted).  Tiled (cuda): the tile of x is
+        a stage of its own (zeros past N), read by the logits' product."""
         K, D = self.dims["K"], self.dims["D"]
         x = self.tokens(op.x, D)
         a, b, c = self._mixture(op)
-        B, N, H = self.B, self.N, self.H
         d = te.reduce_axis((0, D), name="d")
+        if self.tile:
+            raw = self.input(op.x, self.token_shape(D), dtype=self.token_dtype)
 
-        def term(bi, h, n, k, i):
-            xi = x(bi, n, h, i)
+            def load(ix, i):
+                bi, h, n = ix[0], ix[1], self.n_of(ix)
+                v = raw[bi, n, h, i] if self.layout == "bnhd" else raw[bi, h, n, i]
+                return tirx.if_then_else(n < self.N, v, tirx.const(0, self.token_dtype))
+            xt = self.per_token(f"{tag}_x", (D,), load, f"x tile  [BLOCK_N, D] ({self.token_dtype})",
+                                "fill")
+
+            def xv(ix, i):
+                return xt[(*ix, i)].astype(F32) if self.token_dtype != F32 else xt[(*ix, i)]
+        else:
+            def xv(ix, i):
+                return x(ix[0], ix[2], ix[1], i)
+
+        def term(ix, k, i):
+            h = ix[1]
+            xi = xv(ix, i)
             if a is None:  # shared
                 return xi * b[h, k, i]
             return xi * b[h, k, i] + xi * xi * (a[h, k, i] if len(a.shape) == 3 else a[h, k])
 
-        xab = self.stage(te.compute((B, H, N, K),
-                                    lambda bi, h, n, k: te.sum(term(bi, h, n, k, d), axis=d),
-                                    name=f"{tag}_xab"), "bhn",
-                         "sum_d x b + x^2 a  [B, H, N, K] (the logits less c)")
+        tables = tuple(t.op.name for t in (b, a) if t is not None)
+        xab = self.per_token(f"{tag}_xab", (K,), lambda ix, k: te.sum(term(ix, k, d), axis=d),
+                             "sum_d x b + x^2 a  [N, K] (the logits less c)", "gemm", tables)
 
-        def logits(bi, h, n, k):
-            return c[h, k] + xab[bi, h, n, k]
+        def logits(ix, k):
+            return c[ix[1], k] + xab[(*ix, k)]
 
         k1 = te.reduce_axis((0, K), name="k")
-        row_max = self.stage(te.compute((B, H, N), lambda b, h, n: te.max(logits(b, h, n, k1),
-                                                                         axis=k1),
-                                        name=f"{tag}_max"), "bhn", "max_k l  [B, H, N]")
+        row_max = self.per_token(f"{tag}_max", (), lambda ix: te.max(logits(ix, k1), axis=k1),
+                                 "max_k l  [N]", "rows")
         k2 = te.reduce_axis((0, K), name="k")
-        row_sum = self.stage(te.compute(
-            (B, H, N), lambda b, h, n: te.sum(te.exp(logits(b, h, n, k2) - row_max[b, h, n]),
-                                              axis=k2), name=f"{tag}_sum"), "bhn",
-            "sum_k exp(l - max)  [B, H, N]")
-        r = te.compute((B, H, N, K), lambda b, h, n, k: te.exp(logits(b, h, n, k)
-                                                               - row_max[b, h, n])
-                       / row_sum[b, h, n], name=f"{tag}_r")
-        return self.stage(r, "bhn", "exp(l - max) / sum  [B, H, N, K]")
+        row_sum = self.per_token(f"{tag}_sum", (), lambda ix: te.sum(
+            te.exp(logits(ix, k2) - row_max[ix]), axis=k2), "sum_k exp(l - max)  [N]", "rows")
+        return self.per_token(f"{tag}_r", (K,), lambda ix, k: te.exp(logits(ix, k) - row_max[ix])
+                              / row_sum[ix], "exp(l - max) / sum  [N, K]", "map")
 
     def r_operand(self, kernel: Any, field_name: str, tag: str) -> Any:
-        """The main op's responsibility operand as [B, H, N, K]: computed by the fused
-        responsibility op, or read from an input in the call's layout."""
+        """The main op's responsibility operand as [*token_lead, K]: computed by the
+        fused responsibility op, or read from an input in the call's layout."""
         op = kernel.responsibility_of(field_name)
         if op is not None:
             return self.responsibility(op, tag)
         K = self.dims["K"]
         get = self.tokens(getattr(kernel.main, field_name), K)
-        return self.stage(te.compute((self.B, self.H, self.N, K),
-                                     lambda b, h, n, k: get(b, n, h, k), name=f"{tag}_r"),
-                          "bhn", "responsibilities read from an input")
+
+        def read(ix, k):
+            n = self.n_of(ix)
+            if self.tile:  # zeros past N
+                return tirx.if_then_else(n < self.N, get(ix[0], n, ix[1], k),
+                                         tirx.const(0.0, F32))
+            return get(ix[0], n, ix[1], k)
+        return self.per_token(f"{tag}_r", (K,), read, "responsibilities read from an input",
+                              "fill")
 
     def weights(self, r: Any, mask: Optional[Callable], tag: str) -> Callable[..., Any]:
-        """m_j r_jk as an accessor (b, h, n, k) (oracle._weights): masked keys write nothing."""
+        """m_j r_jk as an accessor (b, h, n, k) (oracle._weights): masked keys write
+        nothing (flat token space)."""
         if mask is None:
             return lambda b, h, n, k: r[b, h, n, k]
         return lambda b, h, n, k: te.if_then_else(mask(b, n), r[b, h, n, k], 0.0)

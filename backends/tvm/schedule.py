@@ -27,6 +27,10 @@ from .prelude import Graph
 def schedule(g: Graph, func: Any, config: Config, target_kind: str) -> Any:
     """The scheduled ``s_tir.Schedule`` of ``func`` (the PrimFunc of ``g``)."""
     if target_kind == "cuda":
+        if g.tile:
+            from .schedule_cuda import schedule_tiled
+
+            return schedule_tiled(g, func, config)
         return _schedule_gpu(g, func, config)
     if target_kind != "llvm":
         raise ValueError(f"tvm backend: no schedule for target kind {target_kind!r}")
@@ -40,7 +44,7 @@ def schedule(g: Graph, func: Any, config: Config, target_kind: str) -> Any:
         if stage.loops == "bnh":  # (b, n, h) -> (b, h, n)
             sch.reorder(loops[2], loops[1])
             loops = sch.get_loops(block)
-        if "n" in stage.loops:
+        if stage.loops in ("bhn", "bnh"):
             sch.split(loops[2], [None, block_n])
         sch.parallel(sch.fuse(loops[0], loops[1]))
     return sch

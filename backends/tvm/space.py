@@ -21,23 +21,30 @@ KNOBS = {
              "chunk, a K x Dv state carried across chunks)",
     "num_threads": "threads per thread block of the cuda schedule (tokens x elements of "
                    "one (b, h) pair tiled over them), a positive int <= 1024",
+    "write_tiles": "cuda: token tiles (of block_n) per segment of the write plan's "
+                   "reduction (one thread block per segment and (b, h); the segments' "
+                   "partial S, n are summed in order), a positive int",
 }
-DEFAULTS = Config(block_n=32, chunk=32, num_threads=128)
+DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64)
+# cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
+# [64, K] logits and [64, Dv] products at K = Dv = 64)
+CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, num_threads=256)
 
 
-def default_config(kind: str) -> Config:
-    """Measured on 2 CPU cores only roughly: tiles of 16..64 tokens were within 20%."""
-    return DEFAULTS
+def default_config(kind: str, target: str = "llvm") -> Config:
+    """llvm: measured on 2 CPU cores only roughly (tiles of 16..64 tokens were within
+    20%); cuda: CUDA_DEFAULTS (not tuned)."""
+    return CUDA_DEFAULTS if target == "cuda" else DEFAULTS
 
 
-def validate(config: Config) -> Config:
+def validate(config: Config, target: str = "llvm") -> Config:
     """The config with defaults filled in; OptionError naming a bad knob."""
     unknown = sorted(set(config) - set(KNOBS))
     if unknown:
         valid = "; ".join(f"{k}: {why}" for k, why in KNOBS.items())
         raise OptionError(f"tvm backend: unknown config knob(s) {', '.join(map(repr, unknown))}; "
                           f"valid knobs: {valid}")
-    full = DEFAULTS.replace(**dict(config))
+    full = default_config("", target).replace(**dict(config))
     for key in KNOBS:
         value = full[key]
         if (isinstance(value, bool) or not isinstance(value, int) or value < 1

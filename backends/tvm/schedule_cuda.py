@@ -1,0 +1,235 @@
+"""The cuda schedule of a tiled graph (``Graph.tile`` > 0: responsibility, read
+and write plans): one thread block per tile of ``block_n`` tokens of one (b, h)
+pair (write: per segment of ``write_tiles`` tiles), every per-token stage
+computed at the tile loop into shared memory, so that nothing of size N x K
+reaches global memory.  The trace of the schedule heads ``executable.source``.
+
+Kernels per plan: the mixture's coefficient tables (a, b, c: one small kernel
+each, their sums over k / d in shared memory at the head loop, exp(-rho)
+recomputed in float64 where used), then
+
+  read / responsibility: one kernel, grid (tiles, B * H): x tile -> logits
+      (micro tiles of TM x TN in registers, the coefficient tables staged
+      through shared memory in chunks of the reduction) -> row max, row sum ->
+      r -> [slot_read: the products with S and n] -> y (or R) in the call's layout;
+  write: one kernel, grid (segments, B * H, splits of K x (Dv + 1)): per token
+      tile the responsibilities as above and the partial sums S_seg += r^T [v, 1]
+      (n is the column of ones), accumulators in registers; then one small kernel
+      each for S and n summing the segments in order (deterministic).
+
+Thread count: ``num_threads`` for read / responsibility; the write kernel takes
+one thread per TM x TN accumulator tile of K x (Dv + 1) (at most 1024, the rest
+over blockIdx.z).  Every stage of a kernel splits its work over those threads.
+Shared memory is "shared.dyn" (TVM's runtime raises the kernel's limit past 48 KiB).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import s_tir
+
+from gmagen.config import Config
+
+from .prelude import Graph
+
+SMEM = "shared.dyn"
+TM, TN = 4, 4          # accumulator tile per thread of a "gemm" stage (tokens x outputs)
+RED_CHUNK = 32         # reduction elements per staging of the coefficient tables
+MIX_THREADS = 128
+
+
+class _Sched:
+    def __init__(self, g: Graph, func: Any, config: Config):
+        self.g = g
+        # enable_check=False: y reads its tile stages at [n // tile, n % tile], which
+        # cover the tokens [0, N) (TVM's region-cover check cannot prove it and would
+        # refuse every compute_at under the root); the regions are still derived
+        self.sch = s_tir.Schedule(func, enable_check=False)
+        self.threads = int(config.get("num_threads", 256))
+
+    # -- helpers -----------------------------------------------------------------------
+    def own_loops(self, block: Any, lead: int) -> list:
+        """The loops of ``block`` below its ``lead`` leading (unit) ones."""
+        stmt = self.sch.get(block)
+        n = len(stmt.iter_vars)
+        return list(self.sch.get_loops(block)[-(n - lead):]) if n > lead else []
+
+    def n_spatial(self, block: Any) -> int:
+        return sum(1 for iv in self.sch.get(block).iter_vars if int(iv.iter_type) == 0)
+
+    def flat_threads(self, loops: list) -> Any:
+        """Fuse ``loops`` and spread them over the block's threads."""
+        sch = self.sch
+        if not loops:
+            return None
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        _, tx = sch.split(fused, [None, self.threads])
+        sch.bind(tx, "threadIdx.x")
+        return tx
+
+    def pad(self, block: Any, ndim: int, bits: int) -> None:
+        """Rows of a shared buffer one word longer than a multiple of 32 words (no
+        bank conflicts between threads reading neighbouring rows)."""
+        if ndim < 2:
+            return
+        per_word = max(1, 32 // bits)
+        self.sch.storage_align(block, 0, ndim - 2, 32 * per_word, per_word)
+
+    def rows(self, block: Any, spatial: list, lead: int, threads: int) -> None:
+        """A reduction per element of ``spatial`` (over threads), accumulated in a
+        register and stored once (a read-modify-write of shared memory per term
+        would need barriers under the threads' guards)."""
+        sch = self.sch
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        _, tx = sch.split(fused, [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, tx)
+        sch.decompose_reduction(block, self.own_loops(block, lead)[-1])
+
+    # -- the mixture's tables -------------------------------------------------------------
+    def mixture(self) -> None:
+        """a, b, c: one kernel each, the head over blockIdx.x, the table's elements
+        over threads; the sum it subtracts (or c's sum over d) computed per head in
+        shared memory."""
+        sch = self.sch
+        for name in self.g.inline:
+            sch.compute_inline(sch.get_sblock(name))
+        for table, total in self.g.mixtures:
+            block = sch.get_sblock(table)
+            loops = sch.get_loops(block)
+            sch.bind(loops[0], "blockIdx.x")
+            rest = loops[1:]
+            fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+            _, tx = sch.split(fused, [None, MIX_THREADS])
+            sch.bind(tx, "threadIdx.x")
+            tot = sch.get_sblock(total)
+            sch.set_scope(tot, 0, "shared")
+            sch.compute_at(tot, loops[0], preserve_unit_loops=True)
+            spatial = self.n_spatial(tot) - 1
+            own = self.own_loops(tot, 1)
+            if spatial:  # (spherical a: the sum [H] is one value per head, one thread)
+                self.rows(tot, own[:spatial], 1, MIX_THREADS)
+
+    # -- per-token stages at the tile loop ----------------------------------------------
+    def tile_stages(self, tile_loop: Any) -> None:
+        sch, g = self.sch, self.g
+        tiled = [s for s in g.stages if s.loops == "bhti"]
+        for stage in reversed(tiled):
+            block = sch.get_sblock(stage.name)
+            # the scope first: compute_at relaxes a shared buffer's region over the
+            # threads (the whole tile for every thread of the block)
+            sch.set_scope(block, 0, SMEM)
+            sch.compute_at(block, tile_loop, preserve_unit_loops=True)
+            if stage.role != "rows":
+                self.pad(block, stage.ndim, stage.bits)
+        for stage in tiled:
+            block = sch.get_sblock(stage.name)
+            loops = self.own_loops(block, 3)  # below b, h, t
+            spatial = self.n_spatial(block) - 3
+            if stage.role == "gemm":
+                self.gemm(block, loops, stage.cache)
+            elif stage.role == "rows":
+                self.rows(block, loops[:spatial], 3, self.threads)
+            else:
+                self.flat_threads(loops[:spatial])
+
+    def gemm(self, block: Any, loops: list, cache: tuple) -> None:
+        """(i, n) spatial, r reduced: TM x TN accumulators per thread in registers,
+        the reduction in chunks of RED_CHUNK with ``cache`` tables staged in shared."""
+        sch = self.sch
+        i, n, r = loops[-3:]
+        # each thread owns rows i = ii * (I / TM) + io and columns n = ni * (N / TN) + no:
+        # neighbouring threads read neighbouring (padded) rows of shared memory
+        ii, io = sch.split(i, [TM, None])
+        ni, no = sch.split(n, [TN, None])
+        extent = int(sch.get(r).extent)
+        ro, ri = sch.split(r, [None, min(extent, RED_CHUNK)])
+        sch.reorder(io, no, ro, ri, ii, ni)
+        fused = sch.fuse(io, no)
+        _, tx = sch.split(fused, [None, self.threads])
+        sch.bind(tx, "threadIdx.x")
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, tx)
+        for name in cache:
+            staged = sch.cache_read(block, name, SMEM)
+            sch.compute_at(staged, ro)
+            self.pad(staged, 3, 32)  # [H, K, D] tables, float32
+            cl = sch.get_loops(staged)
+            depth = [sch.get(x) for x in cl].index(sch.get(ro))
+            self.flat_threads(list(cl[depth + 1:]))
+        sch.decompose_reduction(block, ro)
+        sch.unroll(ii)
+        sch.unroll(ni)
+
+    # -- anchors ---------------------------------------------------------------------------
+    def token_output(self, name: str, loops_kind: str) -> Any:
+        """y / R [B, N, H, X] or [B, H, N, X]: (b, h) over blockIdx.y, token tiles over
+        blockIdx.x, (token, x) over the threads; returns the tile loop."""
+        sch = self.sch
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)
+        if loops_kind == "bnh":
+            sch.reorder(loops[2], loops[1])
+            loops = sch.get_loops(block)
+        b, h, n = loops[:3]
+        sch.bind(sch.fuse(b, h), "blockIdx.y")
+        nt, ni = sch.split(n, [None, self.g.tile])
+        sch.bind(nt, "blockIdx.x")
+        self.flat_threads([ni, *loops[3:]])
+        return nt
+
+    def segment_output(self, name: str) -> Any:
+        """S_part [B, H, NSEG, K, Dv + 1] reduced over (tile, token): (b, h) over
+        blockIdx.y, segments over blockIdx.x, TM x TN accumulator tiles of (k, e)
+        over threads (and blockIdx.z past 1024); returns the tile loop."""
+        sch = self.sch
+        block = sch.get_sblock(name)
+        b, h, s, k, e, jt, ji = sch.get_loops(block)
+        sch.bind(sch.fuse(b, h), "blockIdx.y")
+        sch.bind(s, "blockIdx.x")
+        ko, ki = sch.split(k, [None, TM])
+        eo, ei = sch.split(e, [None, TN])
+        sch.reorder(ko, eo, jt, ji, ki, ei)
+        count = int(sch.get(ko).extent) * int(sch.get(eo).extent)
+        self.threads = min(count, 1024)
+        z, tx = sch.split(sch.fuse(ko, eo), [None, self.threads])
+        sch.bind(z, "blockIdx.z")
+        sch.bind(tx, "threadIdx.x")
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, tx)
+        sch.decompose_reduction(block, jt)
+        sch.unroll(ki)
+        sch.unroll(ei)
+        return jt
+
+    def small(self, name: str) -> None:
+        """A per-(b, h) stage (the sum of the segments): all spatial loops over
+        blockIdx.x / threadIdx.x, its reduction serial and in order."""
+        sch = self.sch
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)[:self.n_spatial(block)]
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        bx, tx = sch.split(fused, [None, MIX_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+
+
+def schedule_tiled(g: Graph, func: Any, config: Config) -> Any:
+    """The scheduled ``s_tir.Schedule`` of a tiled graph (see the module docstring)."""
+    s = _Sched(g, func, config)
+    anchors = [st for st in g.stages if st.role == "out"]
+    if len(anchors) != 1:
+        raise ValueError(f"tvm backend: a tiled graph needs one 'out' stage, got {anchors}")
+    anchor = anchors[0]
+    if anchor.loops == "bhs":
+        tile_loop = s.segment_output(anchor.name)
+    else:
+        tile_loop = s.token_output(anchor.name, anchor.loops)
+    s.tile_stages(tile_loop)
+    s.mixture()
+    for stage in g.stages:
+        if stage.loops == "bh":
+            s.small(stage.name)
+    return s.sch

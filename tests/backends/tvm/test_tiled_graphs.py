@@ -1,0 +1,72 @@
+"""The cuda plans' tiled graphs (per-token stages in tiles of block_n tokens, the
+write plan's segment partials: ``Graph.tile``, emit_read / emit_write /
+emit_responsibility) checked against the float64 oracle without a GPU: built for
+llvm with the CPU schedule (``lower.TILED_ON_CPU``).  What this checks is the
+TE of the cuda path (zero padding past N, key mask and the column of ones in the
+[v, 1] tile, segment sums, slot / row norms, both layouts); the cuda schedule
+itself (thread bindings, shared memory) runs only on a GPU
+(tests/gpu/test_tvm_cuda.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmagen
+
+_TVM = gmagen.available_backends()["tvm"]
+if not _TVM:
+    pytest.skip(f"tvm backend unavailable: {_TVM.reason}", allow_module_level=True)
+pytest.importorskip("tvm")
+
+from gmagen.backends.tvm import lower  # noqa: E402
+
+from .test_tvm_backend import TOL, f64, make_case, run  # noqa: E402
+
+# N = 70 with block_n 16 and 2 tiles per segment: 5 tiles, 3 segments, the last
+# segment half empty and the last tile of 6 tokens
+SHAPE = (2, 70, 3, 8, 5, 4)
+CONFIG = {"block_n": 16, "write_tiles": 2}
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    monkeypatch.setattr(lower, "TILED_ON_CPU", True)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"),
+                                      ("row", "shared")])
+def test_tiled_bidirectional(norm, cov, mask, layout, tiled, rng, gma_ref):
+    inputs = make_case(rng, gma_ref, SHAPE, cov, mask, hard="bhnd" if layout == "bhnd" else "")
+    kern = gmagen.compile(gmagen.gma(False, norm, cov, layout=layout), backend="tvm",
+                          target="llvm", config=CONFIG)
+    ref = gmagen.compile(gmagen.gma(False, norm, cov, layout=layout), "numpy")
+    assert "S_seg" in kern.source and "bhti" not in kern.source
+    y, (S, n) = run(kern, inputs, layout)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()}, layout)
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")
+
+
+@pytest.mark.parametrize("N", [1, 16, 37])
+def test_tiled_lengths(N, tiled, rng, gma_ref):
+    shape = (2, N, 3, 8, 5, 4)
+    inputs = make_case(rng, gma_ref, shape, "diag", True)
+    kern = gmagen.compile(gmagen.gma(False, "row", "diag"), backend="tvm", target="llvm",
+                          config=CONFIG)
+    ref = gmagen.compile(gmagen.gma(False, "row", "diag"), "numpy")
+    y, (S, n) = run(kern, inputs)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+
+
+def test_tiled_responsibilities(tiled, rng, gma_ref):
+    inputs = make_case(rng, gma_ref, SHAPE, "diag")
+    mix = (inputs["mean"], inputs["log_var"], inputs["logit"])
+    r = gmagen.responsibilities(inputs["q"], *mix, backend="tvm", target="llvm", config=CONFIG)
+    ref = gmagen.responsibilities(*(f64(t) for t in (inputs["q"], *mix)))
+    gma_ref.assert_close(r, ref, TOL, "R")

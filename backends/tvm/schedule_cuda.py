@@ -140,10 +140,11 @@ class _Sched:
         the reduction in chunks of RED_CHUNK with ``cache`` tables staged in shared."""
         sch = self.sch
         i, n, r = loops[-3:]
-        # each thread owns rows i = ii * (I / TM) + io and columns n = ni * (N / TN) + no:
-        # neighbouring threads read neighbouring (padded) rows of shared memory
-        ii, io = sch.split(i, [TM, None])
-        ni, no = sch.split(n, [TN, None])
+        # each thread owns TM x TN contiguous (row, column) pairs: a strided assignment
+        # would read neighbouring rows across threads but its register tile is
+        # compacted to the bounding box (thousands of floats of local memory)
+        io, ii = sch.split(i, [None, TM])
+        no, ni = sch.split(n, [None, TN])
         extent = int(sch.get(r).extent)
         ro, ri = sch.split(r, [None, min(extent, RED_CHUNK)])
         sch.reorder(io, no, ro, ri, ii, ni)
@@ -193,7 +194,7 @@ class _Sched:
         eo, ei = sch.split(e, [None, TN])
         sch.reorder(ko, eo, jt, ji, ki, ei)
         count = int(sch.get(ko).extent) * int(sch.get(eo).extent)
-        self.threads = min(count, 1024)
+        self.threads = min(max(count, 32), 1024)  # at least a warp for the tile stages
         z, tx = sch.split(sch.fuse(ko, eo), [None, self.threads])
         sch.bind(z, "blockIdx.z")
         sch.bind(tx, "threadIdx.x")

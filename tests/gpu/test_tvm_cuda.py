@@ -45,6 +45,25 @@ def _export_all(out: str, arch: str) -> None:
             export(kern, path, {"D": D, "Dv": Dv, "K": K, "dtype": dtype, "key_mask": mask,
                                 "initial_state": init})
             print(path, flush=True)
+    for causal, norm in BENCH_VARIANTS:
+        kern = gmagen.compile(gmagen.gma(causal, norm, "diag"), backend="tvm",
+                              target={"kind": "cuda", "arch": arch})
+        for dtype in ("f32", "bf16"):
+            path = os.path.join(out, bench_name(causal, norm, dtype))
+            export(kern, path, {**BENCH, "dtype": dtype, "key_mask": True})
+            print(path, flush=True)
+
+
+# the benchmark's D = Dv = K = 64 (full 64-token tiles, 4 x 4 register tiles, the
+# write plan's 272 threads) at N = 5000: two write segments of 4096 tokens, the last
+# tile of 8 tokens
+BENCH = {"D": 64, "Dv": 64, "K": 64}
+BENCH_N = 5000
+BENCH_VARIANTS = [(False, "row"), (False, "slot"), (True, "row")]
+
+
+def bench_name(causal, norm, dtype):
+    return f"bench-{'causal' if causal else 'bidir'}-{norm}-diag-mask-{dtype}"
 
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "export":
@@ -66,7 +85,7 @@ if not EXPORTS and not gmagen.available_backends()["tvm"]:
                 f"GMAGEN_TVM_EXPORTS is not set", allow_module_level=True)
 
 
-def _inputs(rng, covariance, dtype, mask, init):
+def _inputs(rng, covariance, dtype, mask, init, N=N, D=D, Dv=Dv, K=K):
     lv = {"diag": (H, K, D), "spherical": (H, K), "shared": (H,)}[covariance]
     tokens = [rng.normal(size=(B, N, H, X)) for X in (D, D, Dv)]
     mix = [rng.normal(0, .5, (H, K, D)), rng.normal(0, .1, lv), rng.normal(0, .1, (H, K))]
@@ -107,6 +126,30 @@ def test_variant(variant, dtype):
     ref = gmagen.compile(gmagen.gma(causal, norm, cov), "numpy")
     yr, (Sr, nr) = ref(*tokens, *mix, return_state=True, **extra)
     assert y.dtype == TORCH[dtype] and y.is_cuda
+    for got, want, what in ((y, yr, "y"), (S, Sr, "S"), (n, nr, "n")):
+        got = got.double().cpu().numpy()
+        assert not np.isnan(got).any(), what
+        err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+        assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("variant", BENCH_VARIANTS, ids=lambda v: str(v))
+def test_bench_shape(variant, dtype):
+    causal, norm = variant
+    rng = np.random.default_rng(7)
+    tokens, mix, extra = _inputs(rng, "diag", dtype, True, False, N=BENCH_N, **BENCH)
+    if EXPORTS:
+        from gmagen.load import load
+
+        run = load(os.path.join(EXPORTS, bench_name(causal, norm, dtype)))
+    else:
+        run = gmagen.compile(gmagen.gma(causal, norm, "diag"), backend="tvm", target="cuda")
+    args = [_cuda(t, TORCH[dtype]) for t in tokens] + [_cuda(m) for m in mix]
+    y, (S, n) = run(*args, return_state=True, **{k: _cuda(v) for k, v in extra.items()})
+    torch.cuda.synchronize()
+    ref = gmagen.compile(gmagen.gma(causal, norm, "diag"), "numpy")
+    yr, (Sr, nr) = ref(*tokens, *mix, return_state=True, **extra)
     for got, want, what in ((y, yr, "y"), (S, Sr, "S"), (n, nr, "n")):
         got = got.double().cpu().numpy()
         assert not np.isnan(got).any(), what

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -114,3 +115,65 @@ def test_export_cuda_has_cubin_for_sm90(tmp_path):
 def test_rewrite_keeps_binary_payloads():
     payload = cubin._string(b"cubin") + struct.pack("<Q", 0) + cubin._string(b"\x7fELF...")
     assert cubin.rewrite_cuda_payload(payload, "sm_90") == payload
+
+
+# -- the fused cuda schedule (schedule_cuda.py): structure of the generated source ------
+BENCH = {"D": 64, "Dv": 64, "K": 64}   # benchmarks/bench_triton.py's shape
+POINTER = re.compile(r"(\w+)\* __restrict__ (\w+)_ptr")
+KERNEL = re.compile(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\)')
+
+
+def _kernels(src):
+    """{kernel name: (threads, [pointer parameter names])} of a CUDA source."""
+    out = {}
+    for threads, name, params in KERNEL.findall(src):
+        out[name] = (int(threads), [p for _, p in POINTER.findall(params)])
+    return out
+
+
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"), ("row", "shared")])
+def test_fused_bidirectional_kernels(norm, cov):
+    """Bidirectional plans at the benchmark shape, bf16: the write plan is the three
+    mixture tables, one fused kernel and the two in-order sums of the segments;
+    the read plan the tables and one fused kernel.  No kernel touches a global
+    buffer but the plan's inputs and outputs, the [H, K, D] tables and (write) the
+    segment partials [B, H, NSEG, K, Dv + 1]: nothing of size N x K; the fused
+    kernels stage through shared memory with barriers."""
+    tables = {"mean_a", "mean_b", "mean_c"}
+    plan = plan_program(gmagen.gma(False, norm, cov))
+    expect = {"write": 6, "read": 4}
+    for kp in plan.kernels:
+        src = cuda_source(kp, "bnhd", BENCH, frozenset({"key_mask"}), Config(), "sm_90",
+                          "bfloat16")
+        kernels = _kernels(src)
+        assert len(kernels) == expect[kp.kind] - (cov == "shared"), (kp.name, list(kernels))
+        allowed = tables | {"q", "k", "v", "key_mask", "memory_S", "memory_n", "y", "S", "n",
+                            "S_seg", "log_var", "logit", "mean"}
+        for name, (threads, pointers) in kernels.items():
+            assert set(pointers) <= allowed, (kp.name, name, pointers)
+        fused = [n for n, (t, p) in kernels.items() if "q" in p or "k" in p]
+        assert len(fused) == 1, (kp.name, fused)
+        body = src[src.index(fused[0] + "("):]
+        assert "extern __shared__" in body and "__syncthreads()" in body
+        assert kernels[fused[0]][0] == (272 if kp.kind == "write" else 256)
+
+
+def test_global_scratch_is_small():
+    """The scheduled TensorIR's global intermediates are the [H, K, D] tables and
+    (write) S_seg [B, H, NSEG, K, Dv + 1] with NSEG = ceil(N / (block_n * write_tiles)):
+    16 segments at N = 65536 (4.3 MB at B * H = 64), nothing of size N x K."""
+    from gmagen.backends.tvm import space
+    from gmagen.backends.tvm.lower import scheduled_module
+
+    for causal_free in plan_program(gmagen.gma(False, "row", "diag")).kernels:
+        _, mod, _ = scheduled_module(causal_free, "bnhd", BENCH, frozenset(),
+                                     space.validate(Config(), "cuda"), "cuda", "bfloat16")
+        scratch = [line.strip() for line in mod.script().splitlines()
+                   if "alloc_buffer(" in line and "scope=" not in line]
+        names = sorted(line.split("=")[0].strip() for line in scratch)
+        want = ["S_seg", "mean_a", "mean_b", "mean_c"] if causal_free.kind == "write" else [
+            "mean_a", "mean_b", "mean_c"]
+        assert names == want, scratch
+        if causal_free.kind == "write":
+            (seg,) = [line for line in scratch if line.startswith("S_seg")]
+            assert "((N + 63) // 64 + 63) // 64, 64, 65))" in seg, seg

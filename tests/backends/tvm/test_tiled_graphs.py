@@ -9,7 +9,6 @@ itself (thread bindings, shared memory) runs only on a GPU
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import gmagen

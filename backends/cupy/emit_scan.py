@@ -147,14 +147,7 @@ def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
       f"{att}[i * BNH + jj] = cvt_{dt[0]}(jj <= i ? att_s[i * BNP + jj] : 0.f);")
     c.close()
     if row:
-        c("// row norm: den_i = sum_{j<=i} a_ij + rq_i . n + eps (float32; one warp per row)")
-        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
-        c("float s = 0.f;",
-          "for (int jj = lane; jj <= i; jj += 32) s += att_s[i * BNP + jj];",
-          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
-          "s = warp_sum(s);",
-          "if (lane == 0) den_s[i] = s + EPS;")
-        c.close()
+        _row_denominators(c)
     c("__syncthreads();")
     vb = "v_t" if row else "v_w"
     product(c, f"y_s [BLOCK_N, BLOCK_DV] = {att} . {vb} ({dt[0]}, up to the diagonal tile) + "
@@ -173,6 +166,20 @@ def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
     state_update(c, mma=True)
     c("__syncthreads();")
     _refresh_wide_state(c)
+
+
+def _row_denominators(c: Code) -> None:
+    """Row norm: den_s[i] = sum_{j<=i} a_ij + rq_i . n + eps, float32, one warp per row
+    (both paths: att_s and rq_s hold float32 values either way)."""
+    c("// row norm: den_i = sum_{j<=i} a_ij + rq_i . n + eps (one warp per row)")
+    c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
+    c("float s = 0.f;",
+      "for (int jj = lane; jj <= i; jj += 32) s += att_s[i * BNP + jj];",
+      "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
+      "s = warp_sum(s);",
+      "if (lane == 0) den_s[i] = s + EPS;")
+    c.close()
+
 
 def _chunk_fma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
     """One chunk on CUDA cores: every product an FMA loop of one owner thread."""
@@ -198,14 +205,7 @@ def _chunk_fma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
     c.close()
     c("__syncthreads();")
     if v.norm == "row":
-        c("// row norm: den_i = sum_{j<=i} a_ij + rq_i . n + eps (one warp per row)")
-        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
-        c("float s = 0.f;",
-          "for (int jj = lane; jj <= i; jj += 32) s += att_s[i * BNP + jj];",
-          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
-          "s = warp_sum(s);",
-          "if (lane == 0) den_s[i] = s + EPS;")
-        c.close()
+        _row_denominators(c)
         c("__syncthreads();")
     c("// y [BLOCK_N, BLOCK_DV] = att v + rq S (owner (i, j))")
     c.open()

@@ -274,6 +274,7 @@ def slot_read_backward(q: Any, mean: Any, log_var: Any, logit: Any, state: tuple
     """[dq, dmean, dlog_var, dlogit, dS, dn] of y = slot_read(responsibility(q), (S, n)):
     the read half of ``gma_backward``, for a memory that came from elsewhere (context
     parallelism: the memory summed over ranks)."""
+    # dy stands in for v: it has v's dtype and Dv, which is all _setup reads of it
     L = _Launch(q, dy, mean, log_var, logit, None, norm, eps, layout, precision, config)
     partials = L.partials(1)
     dq, g_s, g_n = _read_half(L, q, state, dy, norm, eps, tuple(p[0] for p in partials))

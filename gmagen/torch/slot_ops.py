@@ -28,7 +28,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,9 +100,8 @@ def _np64(t: Optional[Tensor]):
 
 def _like(grads: list, inputs: list) -> list:
     """Each gradient in its input's dtype and device; zeros where none came back."""
-    return [None if t is None else (torch.zeros_like(t) if g is None else
-                                    torch.as_tensor(np.asarray(g) if not isinstance(g, Tensor)
-                                                    else g).to(device=t.device, dtype=t.dtype))
+    return [torch.zeros_like(t) if g is None else
+            torch.as_tensor(g).to(device=t.device, dtype=t.dtype)  # NumPy (oracle) or torch
             for t, g in zip(inputs, grads)]
 
 

@@ -15,7 +15,10 @@ Rules the Session enforces for every strategy:
     the starting candidate rotating -- and the incumbent is re-timed in every
     batch, so drift (clocks, heat) hits all alike and scores are ratios to it;
   * the winner is decided in a final interleaved showdown, and the incumbent
-    stays unless a challenger beats it by more than the measured noise.
+    stays unless a challenger beats it by more than the measured noise;
+  * a runner with ``precompile`` compiles each batch at once (worker
+    processes) before its configs are checked one by one; its time counts
+    against the budget like any other.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from gmagen.config import Config
 from .cache import MAX_REJECTIONS, Entry
 from .space import DeviceLimits, PrunedSpace
 
-__all__ = ["ErrorConfig", "Measurement", "Runner", "Session", "TuneResult", "admit", "measure",
-           "time_interleaved"]
+__all__ = ["ErrorConfig", "Measurement", "Runner", "Session", "TuneResult", "admit",
+           "classify_message", "measure", "time_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,16 @@ class Runner(Protocol):
     matches ``reference`` within the dtype's tolerance, else the reason.
     ``sample`` is one timed launch in ms (CUDA events, inputs rotated past L2;
     warm-up is the Session's business).  ``now`` is a monotonic clock in
-    seconds; tests pass a fake one."""
+    seconds; tests pass a fake one.
+
+    Optional (looked up with getattr): ``precompile(configs, timeout_s)``
+    compiles many configs at once so that the ``compile`` + first run that
+    follow are cheap (e.g. Triton's disk cache made warm by worker processes).
+    It returns {config: None (compiled) or "ExceptionName: message" (failed,
+    rejected like a compile error, never timed)}; a config it leaves out was
+    not precompiled (no workers, or ``timeout_s`` seconds ran out) and is
+    compiled by ``compile`` as usual.  ``precompile_workers`` says how many
+    configs it compiles at once (the Session's first cost estimate)."""
 
     limits: DeviceLimits
     default: Config
@@ -95,14 +107,36 @@ class Runner(Protocol):
     def now(self) -> float: ...
 
 
-def classify(exc: BaseException) -> str:
-    name = type(exc).__name__.lower()
-    text = str(exc).lower()
+def _kind(name: str, text: str) -> str:
+    name, text = name.lower(), text.lower()
     if "outofresources" in name or "out of resource" in text or "shared memory" in text:
         return "out-of-resources"
     if "compil" in name:
         return "compile"
     return "runtime"
+
+
+def classify(exc: BaseException) -> str:
+    return _kind(type(exc).__name__, str(exc))
+
+
+def classify_message(message: str) -> str:
+    """:func:`classify` of an error that came back as "ExceptionName: text"."""
+    name, _, text = message.partition(":")
+    return _kind(name.strip(), text)
+
+
+def precompile(runner: Runner, configs: Sequence[Config],
+               timeout_s: Optional[float] = None) -> tuple[dict[Config, Optional[str]], bool]:
+    """The runner's optional precompile of ``configs`` ({} without one) and
+    whether it ran out of ``timeout_s``."""
+    fn = getattr(runner, "precompile", None)
+    if fn is None or not configs:
+        return {}, False
+    t0 = runner.now()
+    done = dict(fn(list(configs), timeout_s))
+    late = timeout_s is not None and runner.now() - t0 >= timeout_s and len(done) < len(configs)
+    return done, late
 
 
 def admit(runner: Runner, config: Config, reference: Any) -> Any:
@@ -150,8 +184,12 @@ def measure(runner: Runner, configs: Iterable[Config], repeats: int = 15,
     reference = runner.run(reference_handle)
     handles: dict[Config, Any] = {runner.default: reference_handle}
     out: dict[Config, Result] = {}
-    for c in dict.fromkeys(configs):
-        if c not in handles:
+    todo = [c for c in dict.fromkeys(configs) if c not in handles]
+    done, _ = precompile(runner, todo)
+    for c in todo:
+        if done.get(c) is not None:
+            out[c] = ErrorConfig(c, classify_message(done[c]), done[c])
+        else:
             h = admit(runner, c, reference)
             if isinstance(h, ErrorConfig):
                 out[c] = h
@@ -214,12 +252,13 @@ class Session:
                                f" {default_handle.message}; cannot tune without a reference")
         self.handles[self.default] = default_handle
         self.reference = runner.run(default_handle)
-        # first cost estimates, from the default: one compile + run, one launch
+        # first cost estimates, from the default: one compile + run, one launch;
+        # a runner that precompiles a batch at once pays one compile per round
         t1 = runner.now()
         runner.sample(default_handle)
         self._cost_per_sample = runner.now() - t1
-        self._cost_per_candidate = (t1 - self.start) + self._samples_per_candidate() \
-            * self._cost_per_sample
+        self._cost_per_candidate = (t1 - self.start) / self._parallel_compiles() \
+            + self._samples_per_candidate() * self._cost_per_sample
         self.incumbent = self._admit_incumbent(options.get("incumbent"))
 
     # -- admission ------------------------------------------------------------
@@ -245,11 +284,43 @@ class Session:
             return None
         handle = admit(self.runner, config, self.reference)
         if isinstance(handle, ErrorConfig):
-            self.results[config] = handle
-            self.rejected.append(handle)
+            self._reject(handle)
             return handle
         self.handles[config] = handle
         return None
+
+    def _parallel_compiles(self) -> int:
+        if getattr(self.runner, "precompile", None) is None:
+            return 1
+        batch = max(1, int(self.options["batch"]))
+        workers = getattr(self.runner, "precompile_workers", None)
+        return max(1, min(batch, batch if workers is None else int(workers)))
+
+    def _reject(self, error: ErrorConfig) -> None:
+        self.results[error.config] = error
+        self.rejected.append(error)
+
+    def _precompile(self, batch: list[Config]) -> list[Config]:
+        """The runner's precompile of ``batch`` (if it has one), within the time
+        the budget leaves after timing the batch: its failures are rejected;
+        returns the configs to compile and check one by one (those precompile
+        did not finish are dropped when it ran out of time, which ends the
+        search)."""
+        limit = self.remaining() - self._final_cost() \
+            - (len(batch) + 1) * self._samples_per_candidate() * self._cost_per_sample
+        if getattr(self.runner, "precompile", None) is None or limit <= 0:
+            return batch  # the per-config deadline checks stop the loop
+        done, late = precompile(self.runner, batch, limit)
+        todo = []
+        for c in batch:
+            message = done.get(c)
+            if message is not None:
+                self._reject(ErrorConfig(c, classify_message(message), message))
+            elif c in done or not late:
+                todo.append(c)
+        if late:
+            self.stopped = True
+        return todo
 
     def _time(self, configs: Sequence[Config], repeats: int) -> dict[Config, Measurement]:
         return time_interleaved(self.runner, {c: self.handles[c] for c in configs}, repeats,
@@ -295,7 +366,7 @@ class Session:
                 return []
         t0 = self.runner.now()
         timed, prepared = [], 0
-        for c in batch:
+        for c in self._precompile(batch):
             # compile times vary by config and the default's may have come from a
             # disk cache: check the deadline before each compile, not once per batch
             if prepared and self.remaining() < self._final_cost() + (len(timed) + 2) \
@@ -305,7 +376,6 @@ class Session:
             prepared += 1
             if self._prepare(c) is None:
                 timed.append(c)
-        batch = batch[:prepared]
         if timed:
             repeats = int(self.options["repeats"])
             t1 = self.runner.now()
@@ -317,9 +387,11 @@ class Session:
             for c in timed:
                 self.results[c] = measured[c]
                 self.scores[c] = measured[c].median_ms / base if base > 0 else float("inf")
-        self._cost_per_candidate = max(self._cost_per_candidate,
-                                       (self.runner.now() - t0) / len(batch))
-        return [self.results[c] for c in batch]
+        done = [c for c in batch if c in self.results]  # rejected or timed
+        if done:
+            self._cost_per_candidate = max(self._cost_per_candidate,
+                                           (self.runner.now() - t0) / len(done))
+        return [self.results[c] for c in done]
 
     def best(self, k: int = 1) -> list[Config]:
         """The ``k`` best scores so far (ratio to the incumbent, lower first)."""

@@ -10,17 +10,28 @@ Nothing the caller passed is read or written.  Every candidate's outputs are
 compared with the default config's before it may be timed.  On CUDA a sample
 is one launch between CUDA events; on the CPU (Triton's interpreter, tests) it
 is wall time.
+
+Precompiling: on CUDA, :meth:`TorchRunner.precompile` compiles a batch of
+configs at once in worker processes ("spawn": CUDA cannot fork), each running
+a config once on its own inputs of the same shapes, so that the compiler's disk
+cache (Triton's ~/.triton/cache or TRITON_CACHE_DIR) is warm when the tuning
+process compiles the config itself.  Workers: GMAGEN_TUNE_WORKERS (0: none,
+compile serially), default min(16, CPUs - 1); started once per tuning run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from gmagen.config import Config
 from gmagen.ir.types import MemoryType
 
+from .runner import classify_message
 from .space import DeviceLimits
 
 L2_BYTES = 50 * 2**20          # H100; rotating past it is what matters
@@ -73,16 +84,128 @@ def _flat(value: Any) -> list:
     return list(value) if isinstance(value, tuple) else [value]
 
 
+MAX_WORKERS = 16
+
+
+def default_workers() -> int:
+    """GMAGEN_TUNE_WORKERS, else min(MAX_WORKERS, CPUs - 1); 0 compiles serially."""
+    value = os.environ.get("GMAGEN_TUNE_WORKERS", "").strip()
+    if value:
+        return max(0, int(value))
+    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+# -- the worker processes' side -----------------------------------------------
+
+_WORKER: dict[str, Any] = {}  # per worker: "inputs" (token, env), "poisoned"
+
+
+def _worker_init() -> None:
+    """Compilers and warnings of 16 processes would bury the tuner's output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+
+
+def _worker_ready() -> int:
+    """Imports torch and initializes CUDA while the tuning process is busy."""
+    import torch
+
+    torch.cuda.init()
+    return os.getpid()
+
+
+def _worker_inputs(token: str, module: str, program: Any, plan: Any, index: int,
+                   binding: Any, options: Any) -> dict[str, Any]:
+    """This runner's inputs, made as TorchRunner makes them, kept for its next
+    configs (one runner's at a time)."""
+    import importlib
+
+    import torch
+
+    held = _WORKER.get("inputs")
+    if held is not None and held[0] == token:
+        return held[1]
+    _WORKER.pop("inputs", None)
+    backend = importlib.import_module(module).BACKEND
+    device = torch.device(f"cuda:{binding.device[1]}")
+    torch.cuda.set_device(device)
+    env = _random_inputs(program, binding, device, torch.Generator(device=device).manual_seed(0))
+    for kp in plan.kernels[:index]:
+        exe = backend.lower(kp, binding, backend.default_config(kp, binding), options)
+        env.update(exe.run(env, binding))
+    _WORKER["inputs"] = (token, env)
+    return env
+
+
+def _worker_compile(token: str, module: str, program: Any, plan: Any, index: int,
+                    binding: Any, options: Any, config: Config) -> tuple[str, str]:
+    """Lower ``config`` (complete) and run it once: ("ok", ""), ("error",
+    "Name: message") for a config that cannot compile or that broke the CUDA
+    context, or ("skip", why) where the tuning process had better find out
+    itself (a failure that may be this worker's, such as memory)."""
+    import importlib
+
+    import torch
+
+    if _WORKER.get("poisoned"):
+        return "skip", "this worker's CUDA context is broken"
+    try:
+        env = _worker_inputs(token, module, program, plan, index, binding, options)
+    except Exception as exc:
+        return "skip", f"{type(exc).__name__}: {exc}"
+    try:
+        backend = importlib.import_module(module).BACKEND
+        exe = backend.lower(plan.kernels[index], binding, config, options)
+        exe.run(dict(env), binding)
+        torch.cuda.synchronize()
+        return "ok", ""
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # a fault: the tuning process would break its context too
+        _WORKER["poisoned"] = True
+        return "error", message
+    compile_error = classify_message(message) in ("compile", "out-of-resources")
+    return ("error" if compile_error else "skip"), message
+
+
 class TorchRunner:
     """gmagen.autotune's Runner for one kernel plan and specialization of
     ``backend`` (its ``lower``, ``default_config`` and executables' ``run``)."""
 
     def __init__(self, backend: Any, program: Any, plan: Any, kernel: Any, binding: Any,
-                 options: Any, limits: Optional[DeviceLimits] = None) -> None:
+                 options: Any, limits: Optional[DeviceLimits] = None, *,
+                 workers: Optional[int] = None, start_workers: int = 0) -> None:
+        """``workers``: processes of :meth:`precompile` (None: GMAGEN_TUNE_WORKERS
+        or the default; 0: none); ``start_workers``: how many to start now, so
+        that they start up while the inputs and the default are made."""
+        try:
+            self._setup(backend, program, plan, kernel, binding, options, limits, workers,
+                        start_workers)
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def _setup(self, backend: Any, program: Any, plan: Any, kernel: Any, binding: Any,
+               options: Any, limits: Optional[DeviceLimits], workers: Optional[int],
+               start_workers: int) -> None:
         import torch
 
         self.backend, self.kernel, self.binding, self.options = backend, kernel, binding, options
         self.cuda = binding.device[0] == "cuda"
+        # what a worker needs to lower and run a config of this plan (all picklable)
+        self._pool: Any = None
+        self.precompile_workers = (default_workers() if workers is None else max(0, workers)) \
+            if self.cuda else 0  # the interpreter compiles nothing
+        index = [i for i, kp in enumerate(plan.kernels) if kp is kernel]
+        if not index:
+            self.precompile_workers = 0
+        self._task = (uuid.uuid4().hex, type(backend).__module__, program, plan,
+                      index[0] if index else -1, binding, dict(options))
+        if start_workers:
+            self.start_workers(start_workers)
         self.device = torch.device(f"cuda:{binding.device[1]}" if self.cuda else "cpu")
         self.limits = limits or (device_limits(binding.device[1]) if self.cuda
                                  else DeviceLimits.fake(name="interpreter"))
@@ -142,6 +265,81 @@ class TorchRunner:
     def now(self) -> float:
         return time.monotonic()
 
+    # -- precompiling in worker processes --------------------------------------
+
+    def start_workers(self, n: Optional[int] = None) -> Any:
+        """The pool of worker processes (None without workers), started with
+        ``n`` of them (default: all) importing torch and setting up CUDA."""
+        if not self.precompile_workers:
+            return None
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.precompile_workers,
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init)
+            # "spawn" pools start a process per task that finds none idle
+            for _ in range(min(self.precompile_workers, n or self.precompile_workers)):
+                self._pool.submit(_worker_ready)
+        return self._pool
+
+    def precompile(self, configs: Sequence[Config],
+                   timeout_s: Optional[float] = None) -> dict[Config, Optional[str]]:
+        """Compile ``configs`` at once in the worker processes, each run once
+        there, so that :meth:`compile` + the first run find them in the
+        compiler's disk cache: {config: None (compiled) or "Name: message"
+        (cannot compile)}.  Configs left out were not precompiled (a failure
+        that may be the worker's, a broken worker, ``timeout_s`` ran out);
+        out of time, the workers are stopped, so that nothing they still run
+        shares the GPU with the timing.  {} on the CPU (the interpreter) or
+        without workers."""
+        from concurrent.futures import wait
+
+        pool = self.start_workers(len(configs)) if configs else None
+        if pool is None:
+            return {}
+        futures = {}
+        try:
+            for c in configs:
+                futures[pool.submit(self._compile_task, *self._task,
+                                    self.default.replace(**dict(c)))] = c
+        except Exception:  # a broken pool: the configs not submitted compile here
+            pass
+        done, pending = wait(futures, timeout=timeout_s)
+        out: dict[Config, Optional[str]] = {}
+        broken = bool(pending)
+        for f in done:
+            try:
+                status, message = f.result()
+            except Exception:  # BrokenProcessPool: not the config's fault
+                broken = True
+                continue
+            if status != "skip":
+                out[futures[f]] = None if status == "ok" else message
+        if broken or len(futures) < len(configs):
+            self.close(kill=True)  # the next batch starts a fresh pool
+        return out
+
+    _compile_task = staticmethod(_worker_compile)  # tests swap in a fake
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker processes (``kill``: without waiting for the tasks
+        they run); precompile starts new ones if called again."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is None:
+            return
+        if kill:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TorchRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def tune_plan(backend: Any, tuning_space: Any, program: Any, plan: Any, kernel: Any,
               binding: Any, options: Any, strategy: str = "auto",
@@ -150,10 +348,14 @@ def tune_plan(backend: Any, tuning_space: Any, program: Any, plan: Any, kernel: 
     TorchRunner, in ``space`` or ``tuning_space(kind, default, D, Dv, K, dtype)``."""
     from gmagen import autotune
 
-    runner = TorchRunner(backend, program, plan, kernel, binding, options)
-    if space is None:
-        dims = binding.dims
-        K = dims.get("K", 64)
-        space = tuning_space(kernel.kind, runner.default, dims.get("D", 64), dims.get("Dv", K),
-                             K, binding.dtypes.get("T", "f32"))
-    return autotune.tune(space, runner, strategy, tune_options)
+    from .strategies import COMMON_OPTIONS
+
+    batch = int((tune_options or {}).get("batch", COMMON_OPTIONS["batch"][0]))
+    with TorchRunner(backend, program, plan, kernel, binding, options,
+                     start_workers=batch) as runner:
+        if space is None:
+            dims = binding.dims
+            K = dims.get("K", 64)
+            space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
+                                 dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
+        return autotune.tune(space, runner, strategy, tune_options)

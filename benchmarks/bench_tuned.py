@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--exhaustive", nargs="*", default=["bidirectional:16384"],
                     metavar="VARIANT:N", help="rows that also get an exhaustive search")
     ap.add_argument("--exhaustive-budget", type=float, default=240.0)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes compiling tuning candidates at once (GMAGEN_TUNE_WORKERS; "
+                         "0: serially; default: min(16, CPUs - 1))")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--graph-max-n", type=int, default=16384)
     ap.add_argument("--steps", default="tune,exhaustive,bench,latency",
@@ -163,6 +166,10 @@ def main() -> None:
                          "under --work, so that a later call can take up where one stopped")
     args = ap.parse_args()
     steps = set(args.steps.split(","))
+    if args.workers is not None:
+        os.environ["GMAGEN_TUNE_WORKERS"] = str(args.workers)
+    from gmagen.autotune.torch_runner import default_workers
+    workers = default_workers()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="gmagen-tuned-"))
     tuned_dir, exh_dir = work / "cache-tuned", work / "cache-exhaustive"
@@ -191,7 +198,7 @@ def main() -> None:
                 print(f"tuning {backend} {variant} N={N} failed: {rec['error']}", flush=True)
             rec.pop("keys")
             records.append(dict(base, kind="tune", backend=backend, variant=variant, N=N,
-                                strategy="auto", budget_per_plan_s=args.budget, **rec))
+                                strategy="auto", budget_per_plan_s=args.budget, workers=workers, **rec))
             print(f"tuned {backend} {variant} N={N} in {rec.get('tune_s', 0):.1f} s", flush=True)
             flush()
     for causal, N in (sorted(exhaustive) if "exhaustive" in steps else []):  # 2: all of it
@@ -200,7 +207,8 @@ def main() -> None:
         rec = tune_rows("triton", causal, N, "exhaustive", args.exhaustive_budget)
         rec.pop("keys")
         records.append(dict(base, kind="tune", backend="triton", variant=variant, N=N,
-                            strategy="exhaustive", budget_per_plan_s=args.exhaustive_budget, **rec))
+                            strategy="exhaustive", budget_per_plan_s=args.exhaustive_budget,
+                            workers=workers, **rec))
         flush()
     exhaustive_done = exh_dir.is_dir() and any(exh_dir.rglob("*.json"))
     for causal, N in (grid if "bench" in steps else []):  # 3: full calls, interleaved

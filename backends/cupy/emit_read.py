@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from .mixture import coefficient_params, mixture_setup, responsibilities
 from .mma import Operand, Term, product
-from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open, segment_range,
-                      smem_declare, token_base, token_params)
+from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open, min_blocks,
+                      segment_range, smem_declare, store_y_tile, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
@@ -28,14 +28,14 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
                "long long n_sh", "long long n_sk"]
     params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
-    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)")
+    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)
     c("const int dv0 = blockIdx.z * BLOCK_DV;")
-    token_base(c, "q")
-    token_base(c, "y", const=False)
-    mixture_setup(c, "mq", v.q_covariance)
+    token_base(c, "q", vec=mma)
+    token_base(c, "y", const=False, vec=mma)
+    mixture_setup(c, "mq", v.q_covariance, vec=mma)
     s_at = "s_ptr[b * s_sb + h * s_sh + k * s_sk + (long long)(dv0 + j) * s_sdv]"
     if mma:
         c("// the memory of (b, h): S_w [KPAD, BLOCK_DV] in W (MMA operand; zero rows k >= K), "
@@ -53,22 +53,17 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c("for (int k = tid; k < K; k += THREADS) n_s[k] = to_f(n_ptr[b * n_sb + h * n_sh + k * n_sk]);")
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
     copies = (("rq_w", "cvt_W"),) if mma and v.norm == "row" else ()
-    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="", mma=mma, copies=copies)
-    if v.norm == "row":
-        c("// row norm: den_i = sum_k r_ik n_k + eps (one warp per row)")
-        c.open("for (int i = warp; i < BLOCK_N; i += NWARPS)")
-        c("float s = 0.f;",
-          "for (int k = lane; k < K; k += 32) s = fmaf(rq_s[i * KP + k], n_s[k], s);",
-          "s = warp_sum(s);",
-          "if (lane == 0) den_s[i] = s + EPS;")
-        c.close()
-    elif mma:
+    # row norm: den_i = sum_k r_ik n_k + eps, in the softmax's last pass (n_s was loaded
+    # before the token loop; the softmax is preceded by barriers)
+    responsibilities(c, "rq_s", "q", "mq", v.q_covariance, keep="", mma=mma, copies=copies,
+                     sizes=(t.num_threads, t.block_n, v.K), den=v.norm == "row")
+    if v.norm == "slot" and mma:
         c("// slot norm: weights r_ik / (n_k + eps) into rq_w (W; zero columns k >= K)")
         c.open("for (int idx = tid; idx < BLOCK_N * KPAD; idx += THREADS)")
         c("const int i = idx / KPAD, k = idx % KPAD;",
           "rq_w[i * KH + k] = cvt_W(k < K ? rq_s[i * KP + k] * (1.f / (n_s[k] + EPS)) : 0.f);")
         c.close()
-    else:
+    elif v.norm == "slot":
         c("// slot norm: weights r_ik / (n_k + eps)")
         c.open("for (int idx = tid; idx < BLOCK_N * K; idx += THREADS)")
         c("const int i = idx / K, k = idx % K;",
@@ -83,11 +78,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                 "BLOCK_DV / 16", [Term(Operand("rq_w", "KH", "row"), Operand("S_w", "BDH", "row"),
                                        "KPAD", "W_t")])
         c("__syncthreads();")
-        c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
-        c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-          "const float num = y_s[i * SP + j];",
-          "const long long row = n0 + i;", store)
-        c.close()
+        store_y_tile(c, v.norm == "row")
     else:
         c("// y [BLOCK_N, BLOCK_DV] = r S (owner (i, j))")
         c("const int j = tid % BLOCK_DV;")

@@ -29,8 +29,8 @@ from __future__ import annotations
 from .mixture import coefficient_params, mixture_setup, responsibilities
 from .mma import Operand, Term, product, wide_is_token
 from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
-                      load_v_tile, mixtures, segment_range, smem_declare, state_store,
-                      state_update, token_base, token_params)
+                      load_v_tile, min_blocks, mixtures, segment_range, smem_declare,
+                      state_store, state_update, store_y_tile, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
@@ -52,16 +52,16 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     params += ["float* __restrict__ st_ptr", "long long st_sbh", "long long st_sk",
                "long long st_sdv", "float* __restrict__ nt_ptr", "long long nt_sbh",
                "long long nt_sk", "long long N", "int H", "long long BH", "long long SEG"]
-    kernel_open(c, "gma_scan_fwd", params, "(B*H, segments, Dv blocks)")
+    kernel_open(c, "gma_scan_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)
     c("const int dv0 = blockIdx.z * BLOCK_DV;")
     for tok in ("q", "k", "v"):
-        token_base(c, tok)
-    token_base(c, "y", const=False)
+        token_base(c, tok, vec=bool(t.mma))
+    token_base(c, "y", const=False, vec=bool(t.mma))
     for m, cov, _ in mixes:
-        mixture_setup(c, m, cov)
+        mixture_setup(c, m, cov, vec=bool(t.mma))
     mma = bool(t.mma)
     c("// state entering segment seg: initial state, then segments 0..seg-1 in order"
       + ("; S_s [KPAD, BLOCK_DV] (stride SP), zero rows k >= K" if mma else ""))
@@ -87,9 +87,9 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
         _refresh_wide_state(c)
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
     if mma:
-        _chunk_mma(c, v, mq, cq, mk, ck)
+        _chunk_mma(c, v, t, mq, cq, mk, ck)
     else:
-        _chunk_fma(c, v, mq, cq, mk, ck)
+        _chunk_fma(c, v, t, mq, cq, mk, ck)
     c.close()
     c("__syncthreads();")
     c.open("if (seg == gridDim.y - 1)")
@@ -107,7 +107,7 @@ def _refresh_wide_state(c: Code) -> None:
     c.close()
 
 
-def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
+def _chunk_mma(c: Code, v: Variant, t: Tiles, mq: str, cq: str, mk: str, ck: str) -> None:
     """One chunk on tensor cores (the module docstring: which product in which dtype)."""
     row = v.norm == "row"
     two = not wide_is_token(v)  # float16 tokens: separate T and W copies
@@ -116,9 +116,10 @@ def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
     else:
         q_copies = ()  # the slot weights w are written into rq_w below
     k_copies = (("rk_t", "cvt_T"),) + ((("rk_w", "cvt_W"),) if two and not row else ())
-    responsibilities(c, "rq_s", "q", mq, cq, keep="", mma=True, copies=q_copies)
+    sizes = (t.num_threads, t.block_n, v.K)
+    responsibilities(c, "rq_s", "q", mq, cq, keep="", mma=True, copies=q_copies, sizes=sizes)
     responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range", mma=True,
-                     copies=k_copies)
+                     copies=k_copies, sizes=sizes)
     load_v_tile(c, mma=True, wide=two and not row)
     if not row:
         c("// slot norm: rq_w <- w_ik = rq_ik / (n_k(i) + eps) in W, n_k(i) inclusive prefix "
@@ -155,14 +156,7 @@ def _chunk_mma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
             [Term(Operand(att, "BNH", "row"), Operand(vb, "BDH", "row"), "(mt + 1) * 16", dt),
              Term(Operand("rq_w", "KH", "row"), Operand("S_w", "BDH", "row"), "KPAD", "W_t")])
     c("__syncthreads();  // y_s complete; S_w and n_s were read")
-    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
-    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const float num = y_s[i * SP + j];",
-      "const long long row = n0 + i;")
-    value = "num / den_s[i]" if row else "num"
-    c(f"if (row < end && dv0 + j < DV) store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd, "
-      f"{value});")
-    c.close()
+    store_y_tile(c, row)
     state_update(c, mma=True)
     c("__syncthreads();")
     _refresh_wide_state(c)
@@ -181,10 +175,11 @@ def _row_denominators(c: Code) -> None:
     c.close()
 
 
-def _chunk_fma(c: Code, v: Variant, mq: str, cq: str, mk: str, ck: str) -> None:
+def _chunk_fma(c: Code, v: Variant, t: Tiles, mq: str, cq: str, mk: str, ck: str) -> None:
     """One chunk on CUDA cores: every product an FMA loop of one owner thread."""
-    responsibilities(c, "rq_s", "q", mq, cq, keep="")
-    responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range")
+    sizes = (t.num_threads, t.block_n, v.K)
+    responsibilities(c, "rq_s", "q", mq, cq, keep="", sizes=sizes)
+    responsibilities(c, "rk_s", "k", mk, ck, keep="mask" if v.mask else "range", sizes=sizes)
     load_v_tile(c)
     c("__syncthreads();")
     if v.norm == "slot":

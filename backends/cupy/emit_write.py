@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from .mixture import coefficient_params, mixture_setup, responsibilities
 from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
-                      load_v_tile, segment_range, smem_declare, state_store, state_update,
-                      state_zero, token_base, token_params)
+                      load_v_tile, min_blocks, segment_range, smem_declare, state_store,
+                      state_update, state_zero, token_base, token_params)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
@@ -29,19 +29,20 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     params += ["float* __restrict__ s_ptr", "long long s_sp", "long long s_sbh", "long long s_sk",
                "long long s_sdv", "float* __restrict__ n_ptr", "long long n_sp", "long long n_sbh",
                "long long n_sk", "long long N", "int H", "long long SEG"]
-    kernel_open(c, "gma_write_fwd", params, "(B*H, segments, Dv blocks)")
+    kernel_open(c, "gma_write_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)
     c("const int dv0 = blockIdx.z * BLOCK_DV;")
-    token_base(c, "k")
-    token_base(c, "v")
-    mixture_setup(c, "mk", v.k_covariance)
+    token_base(c, "k", vec=bool(t.mma))
+    token_base(c, "v", vec=bool(t.mma))
+    mixture_setup(c, "mk", v.k_covariance, vec=bool(t.mma))
     mma = bool(t.mma)
     state_zero(c, mma)
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
     responsibilities(c, "rk_s", "k", "mk", v.k_covariance, keep="mask" if v.mask else "range",
-                     mma=mma, copies=(("rk_t", "cvt_T"),) if mma else ())
+                     mma=mma, copies=(("rk_t", "cvt_T"),) if mma else (),
+                     sizes=(t.num_threads, t.block_n, v.K))
     load_v_tile(c, mma)
     c("__syncthreads();")
     state_update(c, mma)

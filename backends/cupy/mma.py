@@ -44,6 +44,13 @@ BLOCK_N, BLOCK_DV (multiples of 16) and DC (of 8) are config constraints
 past ``end`` have r = 0, queries past it are not stored.  The logit staging
 tiles are dead once both responsibilities of a chunk are computed, so the
 scan's and the read's output tiles share their memory.
+
+Global memory: token tiles (the logits' x chunk, v, y) move as 16-byte vectors
+of 8 tokens (``unpack8`` / ``pack8``) when the block's rows allow it (a runtime
+flag ``{t}_vec``: unit element stride, row stride a multiple of 8, 16-byte
+aligned (b, h) base; and D resp. DV a multiple of 8), the coefficient tables
+as float4 when 16-byte aligned and D % 4 == 0; any other layout takes the
+scalar path with its 64-bit strided offsets.
 """
 
 from __future__ import annotations
@@ -106,6 +113,26 @@ template <class F> GMA_DEVICE void split_tf32(F& hi, F& lo) {
     hi.x[e] = wmma::__float_to_tf32(x);
     lo.x[e] = wmma::__float_to_tf32(x - hi.x[e]);
   }
+}
+
+// 16-byte vectors of 8 tokens (T_t is 16-bit in every MMA kernel): element m in bits
+// [16 (m % 2), 16 (m % 2) + 16) of word m / 2 (little endian, the order in memory)
+GMA_DEVICE void unpack8(const uint4 u, float* f) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    f[2 * m] = to_f(T_from_bits(static_cast<unsigned short>(w[m] & 0xffffu)));
+    f[2 * m + 1] = to_f(T_from_bits(static_cast<unsigned short>(w[m] >> 16)));
+  }
+}
+
+GMA_DEVICE uint4 pack8(const float* f) {
+  unsigned w[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    w[m] = static_cast<unsigned>(T_bits(cvt_T(f[2 * m])))
+           | (static_cast<unsigned>(T_bits(cvt_T(f[2 * m + 1]))) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // the same for x*x (exact in float32 for 16-bit x) of the loaded x
@@ -318,7 +345,9 @@ def product(c: Code, what: str, out: str, ld: str, mt: str, nt: str, terms: list
 def _loop(c: Code, terms: list[Term], step: int) -> None:
     """One k loop over ``terms`` (equal kd): each distinct operand tile is loaded
     once per step (x of the logits serves x . b and (x*x) . a)."""
-    c("#pragma unroll 2")
+    # tf32 (the logits): ~20 fragment registers per k step, one step at a time keeps the
+    # kernels within 128 registers (two blocks per SM, prelude.min_blocks)
+    c("#pragma unroll 1" if terms[0].dtype == "tf32" else "#pragma unroll 2")
     c.open(f"for (int kk = 0; kk < {terms[0].kd}; kk += {step})")
     loaded: dict[tuple, str] = {}
 

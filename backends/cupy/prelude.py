@@ -197,6 +197,10 @@ _CONVERSIONS = {
 
 _CVT = {"f16": "__float2half_rn", "bf16": "__float2bfloat16_rn"}
 
+# 16-bit token <-> its bits (the 16-byte vector loads and stores of the MMA kernels)
+_BITS = {"f16": ("__half_as_ushort", "__ushort_as_half"),
+         "bf16": ("__bfloat16_as_ushort", "__ushort_as_bfloat16")}
+
 _STORE = {"f32": "*p = v;", "f64": "*p = static_cast<double>(v);", "f16": "*p = __float2half_rn(v);",
           "bf16": "*p = __float2bfloat16_rn(v);"}
 
@@ -269,6 +273,8 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
     if mma:
         store += (f"GMA_DEVICE T_t cvt_T(float v) {{ return {_CVT[v.dtype]}(v); }}\n"
                   f"GMA_DEVICE W_t cvt_W(float v) {{ return {_CVT[_mma.WIDE]}(v); }}\n"
+                  f"GMA_DEVICE unsigned short T_bits(T_t v) {{ return {_BITS[v.dtype][0]}(v); }}\n"
+                  f"GMA_DEVICE T_t T_from_bits(unsigned short b) {{ return {_BITS[v.dtype][1]}(b); }}\n"
                   + _mma.HELPERS)
     return "\n".join(lines) + "\n" + helpers + "\n" + store + "\n"
 
@@ -284,9 +290,21 @@ def token_params(t: str, const: bool = True) -> list[str]:
 MASK_PARAMS = ["const unsigned char* __restrict__ mask_ptr", "long long mask_sb", "long long mask_sn"]
 
 
-def kernel_open(c: Code, name: str, params: list[str], grid_doc: str) -> None:
+def min_blocks(v: Variant, t: Tiles) -> int:
+    """Blocks per SM the kernel is compiled for (``__launch_bounds__``' second
+    argument).  Tensor-core kernels of <= 256 threads whose shared memory lets two
+    blocks share an SM even on sm_80 (164 KB per SM, 1 KB reserved per block) ask
+    for 2, which caps ptxas at 65536 / (2 THREADS) registers: latency-bound phases
+    (global loads, barriers, the softmax) of one block then overlap the other's
+    products.  Everything else, the causal scan included: 1 (no cap below 255)."""
+    if not t.mma or t.num_threads > 256 or v.kind not in ("responsibility", "write", "read"):
+        return 1  # the causal scan needs ~150 registers: capped at 128 it spills
+    return 2 if 2 * (smem_bytes(v, t) + 1024) <= 164 * 1024 else 1
+
+
+def kernel_open(c: Code, name: str, params: list[str], grid_doc: str, blocks: int = 1) -> None:
     c.params = list(params)
-    c(f'extern "C" __global__ void __launch_bounds__(THREADS, 1) {name}(')
+    c(f'extern "C" __global__ void __launch_bounds__(THREADS, {blocks}) {name}(')
     for i, p in enumerate(params):
         c(f"    {p}{',' if i < len(params) - 1 else ') {'}")
     c.depth += 1
@@ -318,9 +336,17 @@ def segment_range(c: Code) -> None:
       "const long long end = start + SEG < N ? start + SEG : N;")
 
 
-def token_base(c: Code, t: str, const: bool = True) -> None:
+def token_base(c: Code, t: str, const: bool = True, vec: bool = False) -> None:
+    """``{t}_base``: the (b, h) row of token tensor ``t``; ``vec`` (MMA kernels, 16-bit
+    tokens): also ``{t}_vec``, true when every row of (b, h) starts 16-byte aligned
+    and its elements are contiguous, so that 8 tokens at a column multiple of 8 are
+    one 16-byte vector (the strides are the caller's: any other layout takes the
+    scalar path)."""
     q = "const T_t*" if const else "T_t*"
     c(f"{q} const {t}_base = {t}_ptr + b * {t}_sb + h * {t}_sh;  // 64-bit offsets")
+    if vec:
+        c(f"[[maybe_unused]] const bool {t}_vec = {t}_sd == 1 && ({t}_sn & 7) == 0 && "
+          f"(reinterpret_cast<unsigned long long>({t}_base) & 15) == 0;  // 16-byte rows")
 
 
 # --------------------------------------------------------------------------- state
@@ -340,6 +366,21 @@ def load_v_tile(c: Code, mma: bool = False, wide: bool = False) -> None:
         return
     c("// values: v_t [BLOCK_N, BLOCK_DV] (MMA operand, row stride BDH; zeros outside)"
       + ("; v_w: the same in W" if wide else ""))
+    c("// 16-byte vectors when v's rows allow (v_vec) and DV % 8 == 0: 8 columns are all"
+      " in or all out")
+    c.open("if (DV % 8 == 0 && v_vec)")
+    c.open("for (int idx = tid; idx < BLOCK_N * (BLOCK_DV / 8); idx += THREADS)")
+    c("const int i = idx / (BLOCK_DV / 8), j = (idx % (BLOCK_DV / 8)) * 8;",
+      "const long long row = n0 + i;",
+      "const uint4 u = (row < end && dv0 + j < DV) ? *reinterpret_cast<const uint4*>("
+      "v_base + row * v_sn + dv0 + j) : make_uint4(0u, 0u, 0u, 0u);",
+      "*reinterpret_cast<uint4*>(v_t + i * BDH + j) = u;  // rows 16-byte aligned (BDH % 8 == 0)")
+    if wide:
+        c("float f[8];", "unpack8(u, f);",
+          "#pragma unroll", "for (int m = 0; m < 8; ++m) v_w[i * BDH + j + m] = cvt_W(f[m]);")
+    c.close()
+    c.close(" else {")
+    c.depth += 1
     c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
     c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
       "const long long row = n0 + i;",
@@ -348,6 +389,37 @@ def load_v_tile(c: Code, mma: bool = False, wide: bool = False) -> None:
       "v_t[i * BDH + j] = x;")
     if wide:
         c("v_w[i * BDH + j] = cvt_W(to_f(x));")
+    c.close()
+    c.close()
+
+
+def store_y_tile(c: Code, row_norm: bool) -> None:
+    """MMA kernels: y rows n0 + i, columns dv0 + j from y_s [BLOCK_N, BLOCK_DV] (float,
+    stride SP), divided by den_s[i] for the row norm; 16-byte vectors of 8 tokens
+    when y's rows allow (y_vec) and DV % 8 == 0, else one token at a time."""
+    value = "y_s[i * SP + j] / den_s[i]" if row_norm else "y_s[i * SP + j]"
+    c(f"// y = {value} (rows < end, columns < DV)")
+    c.open("if (DV % 8 == 0 && y_vec)")
+    c.open("for (int idx = tid; idx < BLOCK_N * (BLOCK_DV / 8); idx += THREADS)")
+    c("const int i = idx / (BLOCK_DV / 8), j = (idx % (BLOCK_DV / 8)) * 8;",
+      "const long long row = n0 + i;")
+    c.open("if (row < end && dv0 + j < DV)")
+    c("const float4 lo = *reinterpret_cast<const float4*>(y_s + i * SP + j);  // SP % 4 == 0",
+      "const float4 hi = *reinterpret_cast<const float4*>(y_s + i * SP + j + 4);",
+      "float f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};")
+    if row_norm:
+        c("const float den = den_s[i];", "#pragma unroll", "for (int m = 0; m < 8; ++m) f[m] = f[m] / den;")
+    c("*reinterpret_cast<uint4*>(y_base + row * y_sn + dv0 + j) = pack8(f);")
+    c.close()
+    c.close()
+    c.close(" else {")
+    c.depth += 1
+    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
+    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const long long row = n0 + i;",
+      f"if (row < end && dv0 + j < DV) store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd, "
+      f"{value});")
+    c.close()
     c.close()
 
 

@@ -152,7 +152,8 @@ def test_padded_components_are_zero():
     assert "const bool ok = k < K && d0 + d < D;" in src
     assert "const float p = k < K ? rk_s[i * KP + k] * inv : 0.f;" in src
     assert "rk_t[i * KH + k] = cvt_T(p);" in src
-    assert "for (int k = lane; k < K; k += 32) {" in src
+    assert "if (live) for (int k = sub; k < K; k += SM_TPR) {" in src
+    assert "if (live) for (int k = sub; k < KPAD; k += SM_TPR) {" in src
 
 
 MMA_CONFIGS = [dict(block_n=16, block_dv=16, d_chunk=8, num_threads=64),
@@ -207,3 +208,87 @@ def _compile_only(program, config):
         be = _load("cupy")
         return Kernel(program, plan_program(program), be, gmagen.Config(config),
                       be.check_options({"arch": "sm_90"}))
+
+
+def _between(src: str, start: str, end: str) -> str:
+    body = src[src.index(start):]
+    return body[:body.index(end)]
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_vector_loads_only_under_the_guard(dtype):
+    """16-byte token loads and stores (8 tokens, uint4) and float4 coefficient loads
+    happen only inside their runtime guards (unit stride, row stride a multiple of
+    8, 16-byte aligned base; D or DV a multiple of 8); the scalar path that serves
+    every other layout stays, with its 64-bit strided offsets."""
+    for kind in KINDS:
+        v = Variant(kind, 64, 64, 64, dtype, eps=1e-6, same_mixture=False, mask=kind == "write")
+        src = _source(v)
+        toks = {"responsibility": ["q"], "write": ["k", "v"], "read": ["q", "y"],
+                "scan": ["q", "k", "v", "y"]}[kind]
+        for tok in toks:
+            assert (f"const bool {tok}_vec = {tok}_sd == 1 && ({tok}_sn & 7) == 0 && "
+                    f"(reinterpret_cast<unsigned long long>({tok}_base) & 15) == 0;") in src
+        for tok in toks:
+            if tok in ("q", "k"):  # the logits' x chunk
+                guarded = _between(src, f"if (D % 8 == 0 && {tok}_vec) {{", "} else {")
+                assert f"unpack8(*reinterpret_cast<const uint4*>({tok}_base + row * {tok}_sn + d0 + d), f);" in guarded
+                assert (f"to_f({tok}_base[row * {tok}_sn + (long long)(d0 + d) * {tok}_sd])"
+                        in src)
+            if tok == "v":
+                guarded = _between(src, "if (DV % 8 == 0 && v_vec) {", "} else {")
+                assert "*reinterpret_cast<const uint4*>(v_base + row * v_sn + dv0 + j)" in guarded
+                assert "v_base[row * v_sn + (long long)(dv0 + j) * v_sd]" in src
+            if tok == "y":
+                guarded = _between(src, "if (DV % 8 == 0 && y_vec) {", "} else {")
+                assert "*reinterpret_cast<uint4*>(y_base + row * y_sn + dv0 + j) = pack8(f);" in guarded
+                assert "store_T(y_base + row * y_sn + (long long)(dv0 + j) * y_sd," in src
+        # every uint4 / float4 global access sits in a guarded block
+        body = src[src.index('extern "C"'):]
+        for line in body.splitlines():
+            if "reinterpret_cast<const uint4*>(" in line or "reinterpret_cast<uint4*>(y_base" in line:
+                assert "_base + row * " in line, line
+        m = "mk" if kind == "write" else "mq"
+        guarded = _between(src, f"if (D % 4 == 0 && {m}_vec) {{", "} else {")
+        assert f"*reinterpret_cast<const float4*>({m}_b_h + at)" in guarded
+        assert f"{m}_b[at]" in src  # the scalar coefficient path
+    f32 = EMIT["write"](Variant("write", 64, 64, 64, "f32"),
+                        space.tiles_of(space.default_config("write", 64, 64, 64, "f32")), {}).source
+    assert "uint4" not in f32 and "_vec" not in f32.split('extern "C"')[1]
+
+
+def test_grouped_softmax():
+    """The softmax runs SM_TPR lanes per row (a power of two <= 32); the shuffles are
+    outside the per-row guards (every lane of a warp reaches them); the read kernel's
+    row-norm denominator is reduced in the same pass."""
+    from gmagen.backends.cupy.mixture import softmax_threads_per_row as tpr
+
+    assert tpr(256, 64, 64) == 4 and tpr(256, 32, 64) == 8 and tpr(256, 16, 256) == 16
+    assert tpr(64, 128, 1) == 1 and tpr(512, 8, 64) == 32 and tpr(64, 128, 256) == 16
+    for kind in KINDS:
+        for dtype in ("f32", "bf16"):
+            v = Variant(kind, 64, 64, 64, dtype, eps=1e-6, same_mixture=False)
+            cfg = space.default_config(kind, 64, 64, 64, dtype, variant=v)
+            src = EMIT[kind](v, space.tiles_of(cfg), dict(cfg)).source
+            t = space.tiles_of(cfg)
+            assert f"constexpr int SM_TPR = {tpr(t.num_threads, t.block_n, 64)};" in src
+            soft = _between(src, "constexpr int SM_TPR", "__syncthreads();")
+            for line in soft.splitlines():
+                if "__shfl_xor_sync" in line:
+                    assert line.strip().startswith("for (int o = SM_TPR / 2; o > 0; o >>= 1)"), line
+            assert ("den_s[i] = dn + EPS;" in soft) == (kind == "read")
+            assert "den_i = sum_k r_ik n_k + eps (one warp per row)" not in src
+
+
+def test_two_blocks_per_sm():
+    """Default bf16 responsibility / write / read kernels are compiled for two blocks
+    per SM (<= 128 registers at 256 threads); the causal scan and float32 kernels for one."""
+    for kind, want in (("responsibility", 2), ("write", 2), ("read", 2), ("scan", 1)):
+        for dtype, w in (("bf16", want), ("f32", 1)):
+            v = Variant(kind, 64, 64, 64, dtype, eps=1e-6)
+            assert f"__launch_bounds__(THREADS, {w})" in _source(v), (kind, dtype)
+            if w == 2:
+                emitted = EMIT[kind](v, space.tiles_of(space.default_config(kind, 64, 64, 64, dtype,
+                                                                            variant=v)), {})
+                res = build(emitted, "sm_90").resources[emitted.name]
+                assert res.registers <= 128 and res.spill_stores == 0, res

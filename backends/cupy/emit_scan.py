@@ -157,7 +157,7 @@ def _chunk_mma(c: Code, v: Variant, t: Tiles, mq: str, cq: str, mk: str, ck: str
              Term(Operand("rq_w", "KH", "row"), Operand("S_w", "BDH", "row"), "KPAD", "W_t")])
     c("__syncthreads();  // y_s complete; S_w and n_s were read")
     store_y_tile(c, row)
-    state_update(c, mma=True)
+    state_update(c, v, t)
     c("__syncthreads();")
     _refresh_wide_state(c)
 
@@ -216,4 +216,4 @@ def _chunk_fma(c: Code, v: Variant, t: Tiles, mq: str, cq: str, mk: str, ck: str
     c.close()
     c.close()
     c("__syncthreads();  // S_s and n_s were read above")
-    state_update(c)
+    state_update(c, v, t)

@@ -45,7 +45,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                      sizes=(t.num_threads, t.block_n, v.K))
     load_v_tile(c, mma)
     c("__syncthreads();")
-    state_update(c, mma)
+    state_update(c, v, t)
     c.close()
     c("__syncthreads();")
     state_store(c, "s", "n", "seg * s_sp + bh * s_sbh", "seg * n_sp + bh * n_sbh", mma)

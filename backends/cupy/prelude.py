@@ -432,10 +432,20 @@ def state_zero(c: Code, mma: bool = False) -> None:
     c("for (int k = tid; k < K; k += THREADS) n_s[k] = 0.f;")
 
 
-def state_update(c: Code, mma: bool = False) -> None:
+def column_sum_parts(threads: int, block_n: int, K: int) -> int:
+    """Lanes per k of the column sum n += colsum(rk) (a power of two <= 32 and <=
+    BLOCK_N): as many as THREADS allows for K columns."""
+    parts = 1
+    while parts * 2 <= min(32, block_n) and K * parts * 2 <= threads:
+        parts *= 2
+    return parts
+
+
+def state_update(c: Code, v: Variant, t: Tiles) -> None:
     """S_s[k, j] += sum_i rk_s[i, k] v_s[i, j];  n_s[k] += sum_i rk_s[i, k].
     MMA: S_s += rk_t^T v_t on tensor cores (token dtype, float32 accumulation);
     n from the float32 responsibilities."""
+    mma = bool(t.mma)
     if mma:
         from .mma import Operand, Term, product
 
@@ -454,8 +464,18 @@ def state_update(c: Code, mma: bool = False) -> None:
           "S_s[k * BLOCK_DV + j] += a;")
         c.close()
         c.close()
-    c.open("for (int k = tid; k < K; k += THREADS)")
-    c("float a = 0.f;", "for (int i = 0; i < BLOCK_N; ++i) a += rk_s[i * KP + k];", "n_s[k] += a;")
+    parts = column_sum_parts(t.num_threads, t.block_n, v.K)
+    c(f"// n_s[k] += sum_i rk_s[i, k]: NP = {parts} lanes per k (an aligned group of a warp) "
+      "sum rows p, p + NP, ..., then a shuffle tree (fixed order)")
+    c.open()
+    c(f"constexpr int NP = {parts};")
+    c.open("for (int e0 = 0; e0 < K * NP; e0 += THREADS)")
+    c("const int k = (e0 + tid) / NP, p = tid % NP;", "float a = 0.f;")
+    c("if (k < K) for (int i = p; i < BLOCK_N; i += NP) a += rk_s[i * KP + k];")
+    c("#pragma unroll",
+      "for (int o = NP / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);  // every lane",
+      "if (k < K && p == 0) n_s[k] += a;")
+    c.close()
     c.close()
 
 

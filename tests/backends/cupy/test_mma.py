@@ -292,3 +292,18 @@ def test_two_blocks_per_sm():
                                                                             variant=v)), {})
                 res = build(emitted, "sm_90").resources[emitted.name]
                 assert res.registers <= 128 and res.spill_stores == 0, res
+
+
+def test_column_sum_parts():
+    """n += colsum(rk): NP lanes per k, a power of two <= min(32, BLOCK_N) with K NP <=
+    THREADS, reduced by shuffles that every lane reaches."""
+    from gmagen.backends.cupy.prelude import column_sum_parts as parts
+
+    assert parts(256, 64, 64) == 4 and parts(256, 32, 256) == 1 and parts(512, 8, 1) == 8
+    assert parts(64, 128, 1) == 32 and parts(64, 16, 7) == 8
+    for kind in ("write", "scan"):
+        for dtype in ("f32", "bf16"):
+            src = _source(Variant(kind, 64, 64, 64, dtype, eps=1e-6))
+            body = _between(src, "constexpr int NP", "n_s[k] += a;")
+            assert "if (k < K) for (int i = p; i < BLOCK_N; i += NP) a += rk_s[i * KP + k];" in body
+            assert "for (int o = NP / 2; o > 0; o >>= 1) a += __shfl_xor_sync(" in body

@@ -231,14 +231,12 @@ def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str
     c("const int i = i0 + tid / SM_TPR, sub = tid % SM_TPR;",
       "const bool live = i < BLOCK_N;  // every lane reaches the shuffles below")
     c("float mx = -__int_as_float(0x7f800000);  // -inf")
-    c("#pragma unroll 4")
     c.open("if (live) for (int k = sub; k < K; k += SM_TPR)")
     c(f"const float l = {logit};", f"{r}[i * KP + k] = l;", "mx = fmaxf(mx, l);")
     c.close()
     c("#pragma unroll",
       "for (int o = SM_TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));",
       "float sum = 0.f;")
-    c("#pragma unroll 4")
     c.open("if (live) for (int k = sub; k < K; k += SM_TPR)")
     c(f"const float e = exp2f({r}[i * KP + k] - mx);", f"{r}[i * KP + k] = e;", "sum += e;")
     c.close()
@@ -254,7 +252,6 @@ def responsibilities(c: Code, r: str, t: str, m: str, covariance: str, keep: str
         c("const float inv = 1.f / sum;")
     if den:
         c("float dn = 0.f;  // row norm: sum_k r_ik n_k")
-    c("#pragma unroll 4")
     if mma:
         c.open("if (live) for (int k = sub; k < KPAD; k += SM_TPR)")
         c(f"const float p = k < K ? {r}[i * KP + k] * inv : 0.f;  // padded components: 0",

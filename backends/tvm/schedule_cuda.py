@@ -194,7 +194,12 @@ class _Sched:
         eo, ei = sch.split(e, [None, TN])
         sch.reorder(ko, eo, jt, ji, ki, ei)
         count = int(sch.get(ko).extent) * int(sch.get(eo).extent)
-        self.threads = min(max(count, 32), 1024)  # at least a warp for the tile stages
+        # one thread per accumulator tile (at most 1024; the rest over blockIdx.z).  Not
+        # rounded up to a warp: with count < threads (z of extent 1) TVM 0.27 dropped the
+        # predicate of the accumulators' write-back (tx < count and the last column tile
+        # past Dv + 1), so idle threads stored garbage over other threads' S_seg (seen on
+        # an H200 at K = 4, Dv = 8: bidirectional y off by 80%)
+        self.threads = min(count, 1024)
         z, tx = sch.split(sch.fuse(ko, eo), [None, self.threads])
         sch.bind(z, "blockIdx.z")
         sch.bind(tx, "threadIdx.x")

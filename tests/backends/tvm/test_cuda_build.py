@@ -177,3 +177,25 @@ def test_global_scratch_is_small():
         if causal_free.kind == "write":
             (seg,) = [line for line in scratch if line.startswith("S_seg")]
             assert "((N + 63) // 64 + 63) // 64, 64, 65))" in seg, seg
+
+
+@pytest.mark.parametrize("D,Dv,K", [(16, 8, 4), (16, 8, 7), (8, 5, 1), (96, 100, 48)])
+def test_write_back_of_segment_partials_is_guarded(D, Dv, K):
+    """The write kernel's accumulator tiles (4 x 4 of K x (Dv + 1)) past K or Dv + 1
+    must not be stored: S_seg rows are Dv + 1 long, so an unguarded store of the
+    last column tile lands on the next row's first elements.  TVM 0.27 dropped
+    that guard when the block had more threads than tiles (an H200 run at K = 4,
+    Dv = 8 had bidirectional y off by 80%); the schedule now takes one thread per
+    tile.  Each store of S_seg must be under an ``if`` on the thread's tile."""
+    plan = plan_program(gmagen.gma(False, "row", "diag"))
+    (write,) = [kp for kp in plan.kernels if kp.kind == "write"]
+    src = cuda_source(write, "bnhd", {"D": D, "Dv": Dv, "K": K}, frozenset(), Config(),
+                      "sm_90")
+    lines = src.splitlines()
+    stores = [i for i, line in enumerate(lines) if re.search(r"S_seg_ptr\[.*\] = S_seg_local", line)]
+    assert stores
+    for i in stores:
+        guard = lines[i - 1].strip()
+        assert guard.startswith("if (") and "threadIdx.x" in guard, (guard, lines[i])
+    (threads, _), = [v for k, v in _kernels(src).items() if "S_seg" in v[1] and "k" in v[1]]
+    assert threads == -(-K // 4) * -(-(Dv + 1) // 4)

@@ -16,16 +16,21 @@ configs at once in worker processes ("spawn": CUDA cannot fork), each running
 a config once on its own inputs of the same shapes, so that the compiler's disk
 cache (Triton's ~/.triton/cache or TRITON_CACHE_DIR) is warm when the tuning
 process compiles the config itself.  Workers: GMAGEN_TUNE_WORKERS (0: none,
-compile serially), default min(16, CPUs - 1); started once per tuning run.
+compile serially), default min(16, CPUs - 1).  Starting them (spawn, import
+torch, a CUDA context) takes seconds, as much as a short budget: inside
+:func:`keep_workers` (``gmagen.tune`` runs in it) the runners of one tuning run
+share one pool, started once; outside, a runner's pool stops with the runner,
+so that no idle process keeps a CUDA context in the caller's program.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 from gmagen.config import Config
@@ -93,6 +98,34 @@ def default_workers() -> int:
     if value:
         return max(0, int(value))
     return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+# -- the pool shared by the runners of one tuning run ---------------------------
+
+_SHARED: dict[str, Any] = {"depth": 0, "pool": None, "workers": 0}
+
+
+@contextlib.contextmanager
+def keep_workers() -> Iterator[None]:
+    """Within: a runner's worker pool outlives the runner and the next runner
+    (same worker count) takes it up; on leaving the outermost, it stops."""
+    _SHARED["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHARED["depth"] -= 1
+        if _SHARED["depth"] == 0:
+            _stop_pool(_SHARED.pop("pool", None), kill=False)
+            _SHARED["pool"], _SHARED["workers"] = None, 0
+
+
+def _stop_pool(pool: Any, kill: bool) -> None:
+    if pool is None:
+        return
+    if kill:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the worker processes' side -----------------------------------------------
@@ -272,6 +305,9 @@ class TorchRunner:
         ``n`` of them (default: all) importing torch and setting up CUDA."""
         if not self.precompile_workers:
             return None
+        if self._pool is None and _SHARED["depth"] and _SHARED["pool"] is not None \
+                and _SHARED["workers"] == self.precompile_workers:
+            self._pool = _SHARED["pool"]  # started by an earlier runner of this run
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -282,6 +318,9 @@ class TorchRunner:
             # "spawn" pools start a process per task that finds none idle
             for _ in range(min(self.precompile_workers, n or self.precompile_workers)):
                 self._pool.submit(_worker_ready)
+            if _SHARED["depth"]:
+                _stop_pool(_SHARED["pool"], kill=False)
+                _SHARED["pool"], _SHARED["workers"] = self._pool, self.precompile_workers
         return self._pool
 
     def precompile(self, configs: Sequence[Config],
@@ -325,14 +364,16 @@ class TorchRunner:
 
     def close(self, kill: bool = False) -> None:
         """Stop the worker processes (``kill``: without waiting for the tasks
-        they run); precompile starts new ones if called again."""
+        they run); precompile starts new ones if called again.  A pool shared
+        within :func:`keep_workers` is left running unless ``kill``."""
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is None:
             return
-        if kill:
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is _SHARED["pool"]:
+            if not kill:
+                return
+            _SHARED["pool"], _SHARED["workers"] = None, 0
+        _stop_pool(pool, kill)
 
     def __enter__(self) -> "TorchRunner":
         return self

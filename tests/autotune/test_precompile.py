@@ -209,3 +209,43 @@ def test_torch_runner_worker_pool(monkeypatch):
     finally:
         runner.close()
     assert runner._pool is None and all(not p.is_alive() for p in processes)
+
+
+def test_runners_of_one_tuning_run_share_the_pool():
+    """Inside keep_workers (gmagen.tune): a runner's pool outlives it and the next
+    runner takes it up (no second start-up); a kill (out of time) drops it; on
+    leaving keep_workers the workers stop."""
+    from gmagen.autotune.torch_runner import keep_workers
+
+    ok = Config(block_n=32, num_warps=4)
+    with keep_workers():
+        first = _interpreter_runner()
+        first.precompile_workers = 2
+        first._compile_task = fake_task
+        assert first.precompile([ok], 120.0) == {ok: None}
+        pool = first._pool
+        processes = list(pool._processes.values())
+        first.close()
+        assert all(p.is_alive() for p in processes)   # kept for the next runner
+        second = _interpreter_runner()
+        second.precompile_workers = 2
+        second._compile_task = fake_task
+        assert second.precompile([ok], 120.0) == {ok: None}
+        assert second._pool is pool
+        second.close()
+        assert all(p.is_alive() for p in processes)
+    assert all(not p.is_alive() for p in processes)   # stopped with the run
+
+    with keep_workers():
+        runner = _interpreter_runner()
+        runner.precompile_workers = 2
+        runner._compile_task = fake_task
+        runner.precompile([ok], 120.0)
+        processes = list(runner._pool._processes.values())
+        runner.close(kill=True)   # a broken or late pool is not handed on
+        assert all(not p.is_alive() for p in processes)
+        again = _interpreter_runner()
+        again.precompile_workers = 2
+        again._compile_task = fake_task
+        assert again.precompile([ok], 120.0) == {ok: None} and again._pool is not pool
+        again.close()

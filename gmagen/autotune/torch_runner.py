@@ -39,6 +39,7 @@ from gmagen.ir.types import MemoryType
 from .runner import classify_message
 from .space import DeviceLimits
 
+GRACE_S = 15.0               # a shared pool's compiles may finish past a timeout
 L2_BYTES = 50 * 2**20          # H100; rotating past it is what matters
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 2e-2}  # vs the default config's output
 
@@ -345,7 +346,18 @@ class TorchRunner:
                                     self.default.replace(**dict(c)))] = c
         except Exception:  # a broken pool: the configs not submitted compile here
             pass
+        submitted = len(futures)
         done, pending = wait(futures, timeout=timeout_s)
+        if pending and self._pool is _SHARED["pool"]:
+            # out of time in a shared pool: drop the queued configs and give the
+            # running compiles a grace period, so that the next runner of this
+            # run finds the pool started (killing it costs the next plan its
+            # start-up, seconds of its budget); the late results are not used
+            for f in pending:
+                f.cancel()
+            _, still = wait([f for f in pending if not f.cancelled()], timeout=GRACE_S)
+            pending = pending if still else set()
+            futures = {f: c for f, c in futures.items() if f in done}
         out: dict[Config, Optional[str]] = {}
         broken = bool(pending)
         for f in done:
@@ -356,7 +368,7 @@ class TorchRunner:
                 continue
             if status != "skip":
                 out[futures[f]] = None if status == "ok" else message
-        if broken or len(futures) < len(configs):
+        if broken or submitted < len(configs):
             self.close(kill=True)  # the next batch starts a fresh pool
         return out
 

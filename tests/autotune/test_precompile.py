@@ -249,3 +249,39 @@ def test_runners_of_one_tuning_run_share_the_pool():
         again._compile_task = fake_task
         assert again.precompile([ok], 120.0) == {ok: None} and again._pool is not pool
         again.close()
+
+
+def test_shared_pool_survives_a_timeout_within_the_grace(monkeypatch):
+    """Out of time in a shared pool: queued configs are dropped, running ones get
+    GRACE_S to finish, and the pool is kept for the next runner; a compile that
+    outlasts the grace still gets the pool killed."""
+    from gmagen.autotune import torch_runner
+    from gmagen.autotune.torch_runner import keep_workers
+
+    ok, slow = Config(block_n=32, num_warps=4), Config(block_n=16, num_warps=4)
+    monkeypatch.setattr(torch_runner, "GRACE_S", 120.0)
+    with keep_workers():
+        runner = _interpreter_runner()
+        runner.precompile_workers = 2
+        runner._compile_task = fake_task
+        assert runner.precompile([ok], 120.0) == {ok: None}
+        pool = runner._pool
+        monkeypatch.setattr(torch_runner, "GRACE_S", 0.5)
+        out = runner.precompile([slow, ok], 0.5)    # slow sleeps 60 s: past the grace
+        assert slow not in out and runner._pool is None
+        runner.close()
+        again = _interpreter_runner()
+        again.precompile_workers = 2
+        again._compile_task = quick_then_slow_task
+        assert again.precompile([ok], 120.0) == {ok: None}
+        pool = again._pool
+        monkeypatch.setattr(torch_runner, "GRACE_S", 120.0)
+        out = again.precompile([Config(block_n=64, num_warps=4)], 0.2)  # sleeps 2 s
+        assert out == {} and again._pool is pool   # finished within the grace: kept
+        again.close()
+
+
+def quick_then_slow_task(token, module, program, plan, index, binding, options, config):
+    if config["block_n"] == 64:
+        time.sleep(2)
+    return "ok", ""

@@ -236,3 +236,28 @@ def test_export_writes_a_shippable_file(cache, tmp_path):
     assert shipped_user.get(key()).source == "shipped"
     assert shipped_user.get(key(program="b"), nearest=False) is None
     assert os.path.getsize(out) > 0
+
+
+def test_shipped_files_load_cleanly_and_hold_valid_configs():
+    """Every file in autotune_cache/ (package data, made with `gmagen tune --export`
+    on the device): schema current, one GPU per file, every entry parses (no
+    CacheWarning) and its config passes the backend's knob validation, so a
+    shipped entry can never hand a kernel a knob it no longer has."""
+    import importlib
+    import warnings
+
+    from gmagen.config import Config
+
+    files = sorted(cache_mod.shipped_directories()[0].glob("*.json"))
+    assert files, "no shipped caches"
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CacheWarning)
+            f = cache_mod.read_file(path)
+            entries = f.entries()
+        assert entries and path.stem == gpu_slug(f.gpu["name"]), path
+        for k, e in entries.items():
+            assert k.gpu == f.gpu["name"]
+            space = importlib.import_module(f"gmagen.backends.{k.backend}.space")
+            kind = k.program.rsplit(":", 1)[-1].removeprefix("gma_")
+            space.validate(kind, Config(e.config))

@@ -48,6 +48,25 @@ def check_seed() -> int | None:
     return int(value) if value else None
 
 
+def tune_workers() -> int | None:
+    """GMAGEN_TUNE_WORKERS: processes that compile tuning candidates at once on a
+    GPU (0: compile serially in the tuning process); None when unset (the
+    tuner's default).  Not a non-negative int: an error naming the variable."""
+    value = _get("GMAGEN_TUNE_WORKERS")
+    if not value:
+        return None
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        from .errors import OptionError
+
+        raise OptionError(f"GMAGEN_TUNE_WORKERS={value!r}: expected a non-negative int "
+                          "(0 compiles tuning candidates serially)")
+    return workers
+
+
 def configure_logging() -> logging.Logger:
     """The ``gmagen`` logger at the level GMAGEN_LOG asks for."""
     logger = logging.getLogger("gmagen")

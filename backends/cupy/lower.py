@@ -78,8 +78,11 @@ def caller_stream(binding: Any, device: int) -> Any:
     if binding.framework == "torch":
         import torch
 
-        ptr = torch.cuda.current_stream(device).cuda_stream
-        return cupy.cuda.ExternalStream(ptr, device)
+        current = torch.cuda.current_stream(device)
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream deprecated)
+            with cupy.cuda.Device(device):
+                return cupy.cuda.Stream.from_external(current)
+        return cupy.cuda.ExternalStream(current.cuda_stream, device)
     return cupy.cuda.get_current_stream()
 
 

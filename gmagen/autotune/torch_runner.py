@@ -95,9 +95,11 @@ MAX_WORKERS = 16
 
 def default_workers() -> int:
     """GMAGEN_TUNE_WORKERS, else min(MAX_WORKERS, CPUs - 1); 0 compiles serially."""
-    value = os.environ.get("GMAGEN_TUNE_WORKERS", "").strip()
-    if value:
-        return max(0, int(value))
+    from gmagen import knobs
+
+    value = knobs.tune_workers()
+    if value is not None:
+        return value
     return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
 
 

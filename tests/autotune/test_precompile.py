@@ -14,6 +14,7 @@ import pytest
 from gmagen.autotune import ErrorConfig, measure
 from gmagen.autotune.strategies import exhaustive, random_local
 from gmagen.config import Config
+from gmagen.errors import OptionError
 
 from .fakes import BOWL_BEST, FakeRunner, tile_space
 
@@ -138,6 +139,10 @@ def test_workers_from_the_environment(monkeypatch):
     assert default_workers() == 3
     monkeypatch.delenv("GMAGEN_TUNE_WORKERS")
     assert default_workers() == max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
+    for bad in ("-1", "many"):
+        monkeypatch.setenv("GMAGEN_TUNE_WORKERS", bad)
+        with pytest.raises(OptionError, match=f"GMAGEN_TUNE_WORKERS='{bad}'.*non-negative int"):
+            default_workers()
 
 
 # -- TorchRunner on the CPU (Triton's interpreter) -----------------------------

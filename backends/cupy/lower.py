@@ -78,11 +78,10 @@ def caller_stream(binding: Any, device: int) -> Any:
     if binding.framework == "torch":
         import torch
 
-        current = torch.cuda.current_stream(device)
-        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream deprecated)
-            with cupy.cuda.Device(device):
-                return cupy.cuda.Stream.from_external(current)
-        return cupy.cuda.ExternalStream(current.cuda_stream, device)
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        # ExternalStream is deprecated in CuPy 14 (Stream.from_external takes torch's
+        # stream through __cuda_stream__); kept until that path has run on a GPU
+        return cupy.cuda.ExternalStream(ptr, device)
     return cupy.cuda.get_current_stream()
 
 

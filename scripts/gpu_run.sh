@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp]   (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp|profile]   (OUT defaults to ./gpu_out)
 #
 # The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
 # machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
@@ -88,6 +88,11 @@ if [[ "$mode" == cp ]]; then
         --device cuda --dtype bfloat16 --seq-len 1048576 --heads 16 --dim 64 --components 64 \
         --check-backward $variant ${CP_ARGS:-} 2>&1 | tee -a "$OUT/cp.log" | tail -12
   done
+fi
+if [[ "$mode" == profile ]]; then
+  # per-kernel device times of every GPU backend at the benchmark shape (PROFILE_ARGS: --n ...)
+  timeout "${PROFILE_TIMEOUT:-300}" $PY benchmarks/profile_kernels.py --out "$OUT/profile.json" \
+      "${tvm_bench[@]}" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

@@ -24,6 +24,7 @@ whole sequence and gathers the pieces of y.  Neither is part of a real job.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -143,6 +144,21 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        ok = run(args, device, use_cuda)
+        # run's autograd graphs hold the group (for their backward): release them
+        # before the group goes; a gloo group destroyed at interpreter exit instead
+        # aborted that rank ("terminate called without an active exception")
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def run(args, device, use_cuda: bool) -> bool:
+    """The check against one process, the timings and the bytes report; True when
+    the check passed."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype]
     bounds = shard_bounds(args.seq_len, world, args.uneven)
@@ -236,8 +252,7 @@ def main(argv=None) -> int:
               f"backward {int(most[1])}; per batch entry and head "
               f"{most[0] / (B * H):.0f} / {most[1] / (B * H):.0f} (target <= 2 x "
               f"(K*Dv + K) x itemsize = {2 * per_bh}); independent of N")
-    dist.destroy_process_group()
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ def keep_workers() -> Iterator[None]:
     finally:
         _SHARED["depth"] -= 1
         if _SHARED["depth"] == 0:
-            _stop_pool(_SHARED.pop("pool", None), kill=False)
-            _SHARED["pool"], _SHARED["workers"] = None, 0
+            pool, _SHARED["pool"], _SHARED["workers"] = _SHARED["pool"], None, 0
+            _stop_pool(pool, kill=False)
 
 
 def _stop_pool(pool: Any, kill: bool) -> None:

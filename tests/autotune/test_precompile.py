@@ -216,6 +216,15 @@ def test_torch_runner_worker_pool(monkeypatch):
     assert runner._pool is None and all(not p.is_alive() for p in processes)
 
 
+def _pooled_runner(task=None):
+    """An interpreter runner made to use 2 worker processes running ``task``
+    (default fake_task) in place of the compile, as on CUDA."""
+    runner = _interpreter_runner()
+    runner.precompile_workers = 2
+    runner._compile_task = task or fake_task
+    return runner
+
+
 def test_runners_of_one_tuning_run_share_the_pool():
     """Inside keep_workers (gmagen.tune): a runner's pool outlives it and the next
     runner takes it up (no second start-up); a kill (out of time) drops it; on
@@ -224,17 +233,13 @@ def test_runners_of_one_tuning_run_share_the_pool():
 
     ok = Config(block_n=32, num_warps=4)
     with keep_workers():
-        first = _interpreter_runner()
-        first.precompile_workers = 2
-        first._compile_task = fake_task
+        first = _pooled_runner()
         assert first.precompile([ok], 120.0) == {ok: None}
         pool = first._pool
         processes = list(pool._processes.values())
         first.close()
         assert all(p.is_alive() for p in processes)   # kept for the next runner
-        second = _interpreter_runner()
-        second.precompile_workers = 2
-        second._compile_task = fake_task
+        second = _pooled_runner()
         assert second.precompile([ok], 120.0) == {ok: None}
         assert second._pool is pool
         second.close()
@@ -242,16 +247,12 @@ def test_runners_of_one_tuning_run_share_the_pool():
     assert all(not p.is_alive() for p in processes)   # stopped with the run
 
     with keep_workers():
-        runner = _interpreter_runner()
-        runner.precompile_workers = 2
-        runner._compile_task = fake_task
+        runner = _pooled_runner()
         runner.precompile([ok], 120.0)
         processes = list(runner._pool._processes.values())
         runner.close(kill=True)   # a broken or late pool is not handed on
         assert all(not p.is_alive() for p in processes)
-        again = _interpreter_runner()
-        again.precompile_workers = 2
-        again._compile_task = fake_task
+        again = _pooled_runner()
         assert again.precompile([ok], 120.0) == {ok: None} and again._pool is not pool
         again.close()
 
@@ -266,18 +267,14 @@ def test_shared_pool_survives_a_timeout_within_the_grace(monkeypatch):
     ok, slow = Config(block_n=32, num_warps=4), Config(block_n=16, num_warps=4)
     monkeypatch.setattr(torch_runner, "GRACE_S", 120.0)
     with keep_workers():
-        runner = _interpreter_runner()
-        runner.precompile_workers = 2
-        runner._compile_task = fake_task
+        runner = _pooled_runner()
         assert runner.precompile([ok], 120.0) == {ok: None}
         pool = runner._pool
         monkeypatch.setattr(torch_runner, "GRACE_S", 0.5)
         out = runner.precompile([slow, ok], 0.5)    # slow sleeps 60 s: past the grace
         assert slow not in out and runner._pool is None
         runner.close()
-        again = _interpreter_runner()
-        again.precompile_workers = 2
-        again._compile_task = quick_then_slow_task
+        again = _pooled_runner(quick_then_slow_task)
         assert again.precompile([ok], 120.0) == {ok: None}
         pool = again._pool
         monkeypatch.setattr(torch_runner, "GRACE_S", 120.0)

@@ -52,6 +52,8 @@ def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "
     each shape ({"B", "N", "H", "D", "Dv", "K"}) and store the results.
     ``budget_s`` is per kernel plan and shape; ``progress(row)`` is called after each."""
     import gmagen
+    from gmagen import autotune
+    from gmagen.autotune.torch_runner import keep_workers
 
     for shape in shapes:
         missing = [k for k in SHAPE_KEYS if k not in shape]
@@ -64,34 +66,23 @@ def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "
     if tuner is None:
         raise UnsupportedFeature(f"tune: backend {backend!r} has no tuner in this version")
     dev = device or ("cuda" if "cuda" in be.devices else be.devices[0])
-    from gmagen.autotune.torch_runner import keep_workers
-
+    rows = []
     # one pool of compile workers for the whole run (their start-up is seconds)
     with keep_workers():
-        return _tune_shapes(kern, be, tuner, program, shapes, dtype, dev, strategy, budget_s,
-                            progress)
-
-
-def _tune_shapes(kern: Any, be: Any, tuner: Any, program: Program,
-                 shapes: Sequence[Mapping[str, int]], dtype: str, dev: str, strategy: str,
-                 budget_s: float, progress: Any) -> list[TuneRow]:
-    from gmagen import autotune
-
-    rows = []
-    for shape in shapes:
-        binding = kern.binding_for(_example_args(program, shape, dtype, dev), {})
-        info = be.tuning_device(binding)
-        if info is None:
-            raise UnsupportedFeature(f"tune: backend {kern.backend!r} does not tune on {dev} "
-                                     "(configs are tuned per GPU)")
-        for kp in kern.plan.kernels:
-            t0 = time.monotonic()
-            result = tuner(program, kern.plan, kp, binding, kern.options, strategy,
-                           {"budget_s": budget_s})
-            key = kern.tuning_key(kp, binding, info)
-            autotune.default_cache().put(key, result.to_entry())
-            row = TuneRow(dict(shape), kp.name, key, result, time.monotonic() - t0)
-            rows.append(row)
-            if progress is not None:
-                progress(row)
+        for shape in shapes:
+            binding = kern.binding_for(_example_args(program, shape, dtype, dev), {})
+            info = be.tuning_device(binding)
+            if info is None:
+                raise UnsupportedFeature(f"tune: backend {backend!r} does not tune on "
+                                         f"{dev} (configs are tuned per GPU)")
+            for kp in kern.plan.kernels:
+                t0 = time.monotonic()
+                result = tuner(program, kern.plan, kp, binding, kern.options, strategy,
+                               {"budget_s": budget_s})
+                key = kern.tuning_key(kp, binding, info)
+                autotune.default_cache().put(key, result.to_entry())
+                row = TuneRow(dict(shape), kp.name, key, result, time.monotonic() - t0)
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
     return rows

@@ -43,10 +43,12 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
         def y_of(b, h, i, e):
             return num[b, h, i, e] / (den[b, h, i] + eps)
     if layout == "bnhd":
-        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bnh", "y in layout bnhd")
     else:
-        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bhn", "y in layout bhnd")
     g.output(op.out, y, g.token_shape(Dv))
     return g
@@ -82,10 +84,12 @@ def _emit_tiled(g: Graph, kernel: Any) -> Graph:
             ix = g.ix_of(b, h, i)
             return num[(*ix, e)] / (den[ix] + eps)
     if g.layout == "bnhd":
-        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bnh", "y in layout bnhd", "out")
     else:
-        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bhn", "y in layout bhnd", "out")
     g.output(op.out, y, g.token_shape(Dv))
     return g

@@ -171,10 +171,12 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
         def y_of(b, h, i, e):
             return intra[b, h, i, e] + inter[b, h, i, e]
     if layout == "bnhd":
-        y = te.compute((B, N, H, Dv), lambda b, i, h, e: y_of(b, h, i, e), name="y")
+        y = te.compute((B, N, H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bnh", "y in layout bnhd")
     else:
-        y = te.compute((B, H, N, Dv), lambda b, h, i, e: y_of(b, h, i, e), name="y")
+        y = te.compute((B, H, N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
         g.stage(y, "bhn", "y in layout bhnd")
     # the state after the last token
     s_end = te.compute((B, H, K, Dv), lambda b, h, k, e: s_in(b, h, NC - 1, k, e)

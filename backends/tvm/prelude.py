@@ -123,7 +123,13 @@ class Graph:
         return (self.input(name, ("B", "H", K, Dv), "S"), self.input(name, ("B", "H", K), "n"))
 
     def output(self, name: str, tensor: Any, shape: tuple[Dim, ...], part: str = "") -> None:
-        self.outputs.append(Param(name, part, tensor, shape, F32))
+        self.outputs.append(Param(name, part, tensor, shape, str(tensor.dtype)))
+
+    def to_token(self, value: Any) -> Any:
+        """A float32 value rounded to the token dtype, for y: the kernel writes y in
+        the tokens' dtype (a float32 y would be a second, twice as large buffer
+        and a cast kernel after it)."""
+        return value if self.token_dtype == F32 else value.astype(self.token_dtype)
 
     def stage(self, tensor: Any, loops: str, note: str = "", role: str = "",
               cache: tuple = ()) -> Any:

@@ -199,3 +199,16 @@ def test_write_back_of_segment_partials_is_guarded(D, Dv, K):
         assert guard.startswith("if (") and "threadIdx.x" in guard, (guard, lines[i])
     (threads, _), = [v for k, v in _kernels(src).items() if "S_seg" in v[1] and "k" in v[1]]
     assert threads == -(-K // 4) * -(-(Dv + 1) // 4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_y_is_written_in_the_token_dtype(dtype):
+    """16-bit tokens: the read and scan kernels store y as that type (float32
+    accumulation inside), not a float32 y that a cast kernel halves afterwards."""
+    ctype = {"float16": "half", "bfloat16": "nv_bfloat16"}[dtype]
+    for causal in (False, True):
+        for kp in plan_program(gmagen.gma(causal)).kernels:
+            if kp.kind not in ("read", "scan"):
+                continue
+            src = cuda_source(kp, "bnhd", BENCH, frozenset(), Config(), "sm_90", dtype)
+            assert set(re.findall(r"(\w+)\* __restrict__ y_ptr", src)) == {ctype}, kp.name

@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp|profile]   (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp|profile|host]   (OUT defaults to ./gpu_out)
 #
 # The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
 # machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
@@ -93,6 +93,11 @@ if [[ "$mode" == profile ]]; then
   # per-kernel device times of every GPU backend at the benchmark shape (PROFILE_ARGS: --n ...)
   timeout "${PROFILE_TIMEOUT:-300}" $PY benchmarks/profile_kernels.py --out "$OUT/profile.json" \
       "${tvm_bench[@]}" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60
+fi
+if [[ "$mode" == host ]]; then
+  # host time of an eager call and the functions it goes to (HOST_ARGS: --n ...)
+  timeout "${HOST_TIMEOUT:-200}" $PY benchmarks/profile_host.py --out "$OUT/host.json" \
+      ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | tail -150
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

@@ -12,6 +12,12 @@ Per (b, h), with chunk c = i // C holding tokens [c C, c C + C):
   y_i  = sum_j A_ij v_j + q_i S_in(c)      (row: / (sum_j A_ij + q_i . n_in(c) + eps))
   final state = S_in(NC - 1) + dS_{NC-1}
 
+That is the CPU graph (stages [B, H, N, *]).  The cuda graph (``tile``: the tokens in
+tiles of C, ``_emit_tiled``) is the same algebra as three kernels: the chunk partials
+(the write plan's segment kernel with one chunk per segment), the prefix with the final
+state (``state_prefix``), and one thread block per chunk for y with everything per
+token in shared memory (``schedule_cuda.py``).
+
 N = 0 never reaches the built function (lower.py passes the state through)."""
 
 from __future__ import annotations
@@ -20,32 +26,21 @@ from typing import Any
 
 from tvm import te, tirx
 
-from .prelude import Graph
+from .prelude import F32, Graph
 
-GPU_THREADS = 128  # threads per block of the chunk prefix on a GPU
+GPU_THREADS = 128  # threads per block of the chunk prefix on a GPU (state_prefix)
 
 
-def chunk_prefix(delta: Any, init: Any, name: str, gpu: bool = False) -> Any:
+def chunk_prefix(delta: Any, init: Any, name: str) -> Any:
     """out[b, h, c] = init[b, h] + sum_{c' < c} delta[b, h, c'] for delta [B, H, NC, *X]
     (init [B, H, *X], or None for zeros): a te.extern whose body is a sequential
-    loop over chunks; on the CPU parallel over (b, h), on a GPU one thread block
-    per (b, h) and the X elements over its threads."""
+    loop over chunks, parallel over (b, h) (the CPU graph; the cuda graph's prefix is
+    ``state_prefix``)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     shape = delta.shape
     B, H, NC, rest = shape[0], shape[1], shape[2], [int(x) for x in shape[3:]]
-    size = 1
-    for r in rest:
-        size *= r
-    threads = min(size, GPU_THREADS)
-
-    def unravel(flat: Any) -> list:
-        idx = []
-        for r in reversed(rest):
-            idx.append(tirx.indexmod(flat, r))
-            flat = tirx.indexdiv(flat, r)
-        return idx[::-1]
 
     def body(ins: list, outs: list) -> Any:
         with IRBuilder() as ib:
@@ -58,29 +53,89 @@ def chunk_prefix(delta: Any, init: Any, name: str, gpu: bool = False) -> Any:
                 with T.serial(0, NC - 1) as c:
                     out[(b, h, c + 1, *idx)] = out[(b, h, c, *idx)] + x[(b, h, c, *idx)]
 
-            if gpu:
-                with T.thread_binding(0, B * H, thread="blockIdx.x") as bh:
-                    with T.thread_binding(0, threads, thread="threadIdx.x") as tx:
-                        with T.serial(0, (size + threads - 1) // threads) as step:
-                            flat = step * threads + tx
-                            with T.If(flat < size):
-                                with T.Then():
-                                    scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H),
-                                         unravel(flat))
-            else:
-                with T.parallel(0, B * H) as bh:
-                    with T.grid(*rest) as idx:
-                        idx = [idx] if isinstance(idx, tirx.Var) else list(idx)
-                        scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H), idx)
+            with T.parallel(0, B * H) as bh:
+                with T.grid(*rest) as idx:
+                    idx = [idx] if isinstance(idx, tirx.Var) else list(idx)
+                    scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H), idx)
         return ib.get()
 
     inputs = [delta] + ([init] if init is not None else [])
     return te.extern(shape, inputs, body, name=name, dtype="float32")
 
 
+def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool) -> tuple:
+    """(S_in [B, H, NC, K, Dv + 1], S_end [B, H, K, Dv], n_end [B, H, K]) of the chunk
+    partials part [B, H, NC, K, Dv + 1] (column Dv: n): S_in[c] = state0 + sum_(c' < c)
+    part[c'] (exclusive, state0 = (s0, n0) or zeros), the end state the inclusive sum
+    over all chunks.  A te.extern: per (b, h, k, e) a sequential loop over the chunks
+    with the running sum in a register (O(NC) per element).  On the CPU parallel over
+    (b, h); on a GPU one thread per element (blockIdx.y: (b, h), blockIdx.x x
+    threadIdx.x: the K x (Dv + 1) elements), so the loads of consecutive threads are
+    contiguous and every thread's NC loads are independent of its sums."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    B, H, NC, K, W = part.shape
+    K, W = int(K), int(W)
+    Dv, size = W - 1, K * W
+    threads = min(size, GPU_THREADS)
+
+    def body(ins: list, outs: list) -> Any:
+        with IRBuilder() as ib:
+            x = T.buffer_proxy(ins[0])
+            init = [T.buffer_proxy(t) for t in ins[1:]]
+            out, s_end, n_end = (T.buffer_proxy(t) for t in outs)
+
+            def scan(b: Any, h: Any, flat: Any) -> None:
+                k, e = tirx.indexdiv(flat, W), tirx.indexmod(flat, W)
+                acc = T.decl_buffer((1,), "float32", scope="local")  # the running sum
+                if init:
+                    with T.If(e < Dv):
+                        with T.Then():
+                            T.buffer_store(acc, init[0][b, h, k, e], [0])
+                        with T.Else():
+                            T.buffer_store(acc, init[1][b, h, k], [0])
+                else:
+                    T.buffer_store(acc, tirx.const(0.0, "float32"), [0])
+                with T.serial(0, NC) as c:
+                    out[b, h, c, k, e] = acc[0]
+                    T.buffer_store(acc, acc[0] + x[b, h, c, k, e], [0])
+                with T.If(e < Dv):
+                    with T.Then():
+                        s_end[b, h, k, e] = acc[0]
+                    with T.Else():
+                        n_end[b, h, k] = acc[0]
+
+            if gpu:
+                with T.thread_binding(0, B * H, thread="blockIdx.y") as bh:
+                    with T.thread_binding(0, (size + threads - 1) // threads,
+                                          thread="blockIdx.x") as bx:
+                        with T.thread_binding(0, threads, thread="threadIdx.x") as tx:
+                            flat = bx * threads + tx
+                            with T.If(flat < size):
+                                with T.Then():
+                                    scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H), flat)
+            else:
+                with T.parallel(0, B * H) as bh:
+                    with T.serial(0, size) as flat:
+                        scan(tirx.indexdiv(bh, H), tirx.indexmod(bh, H), flat)
+        return ib.get()
+
+    inputs = [part] + ([s0, n0] if s0 is not None else [])
+    shapes = [part.shape, (B, H, K, Dv), (B, H, K)]
+    # named buffers: the three outputs of one extern would all be called S_in
+    names = ["S_in", "S_final", "n_final"]
+    bufs = [tirx.decl_buffer(shape, "float32", name) for shape, name in zip(shapes, names)]
+    return te.extern(shapes, inputs, body, name="S_in", dtype=["float32"] * 3,
+                     out_buffers=bufs)
+
+
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
-         chunk: int, target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
-    g = Graph("scan", layout, dims, target_kind, token_dtype)
+         chunk: int, target_kind: str = "llvm", token_dtype: str = "float32",
+         tile: bool = False) -> Graph:
+    g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0)
+    if tile:
+        return _emit_tiled(g, kernel, present)
     op = kernel.main
     K, Dv, C = dims["K"], dims["Dv"], chunk
     eps = float(op.eps)
@@ -117,9 +172,8 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     g.stage(ds, "bh", f"dS_c = sum_(j in chunk c) m_j r_jk v_j  [B, H, NC, K, Dv], C = {C}")
     g.stage(dn, "bh", "dn_c = sum_(j in chunk c) m_j r_jk  [B, H, NC, K]")
     # the state entering each chunk: exclusive prefix over chunks (+ initial state)
-    gpu = target_kind != "llvm"
-    ps = chunk_prefix(ds, s0, "S_in", gpu)
-    pn = chunk_prefix(dn, n0, "n_in", gpu)
+    ps = chunk_prefix(ds, s0, "S_in")
+    pn = chunk_prefix(dn, n0, "n_in")
     g.notes.append("S_in, n_in: " + ("S0 + " if s0 is not None else "")
                    + "exclusive prefix of dS, dn over chunks (te.extern: a sequential loop "
                    "over chunks, parallel over (b, h))")
@@ -185,6 +239,104 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
                        name="n_final")
     g.stage(s_end, "bh", "final state S [B, H, K, Dv]")
     g.stage(n_end, "bh", "final state n [B, H, K]")
+    g.output(op.out, y, g.token_shape(Dv))
+    g.output(op.state_out, s_end, ("B", "H", K, Dv), "S")
+    g.output(op.state_out, n_end, ("B", "H", K), "n")
+    return g
+
+
+def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
+    """cuda: token tiles of C tokens (``Graph.tile`` = chunk), two tiled kernels and
+    the prefix between them:
+
+      group "part":  part_c [K, Dv + 1] = sum_(j in c) r_jk [m_j v_j, m_j]
+                     (emit_write.segment_partials, one tile per segment)
+      state_prefix:  S_in(c) [K, Dv + 1] (column Dv: n_in), and the final state
+      group "y":     per chunk c, tiles in shared memory:
+                     slot: wc_ik = sum_(j <= i) m_j r_jk, q_i = r_i / (n_in + wc_i + eps)
+                     A_ij = q_i . r_j                       [C, C]
+                     intra_i = sum_(j <= i) A_ij [m_j v_j, m_j]  [C, W]
+                     inter_i = q_i S_in(c)                  [C, W]
+                     row: y_i = (intra + inter)[:Dv] / ((intra + inter)[Dv] + eps)
+                     slot: y_i = intra_i + inter_i (W = Dv)
+
+    The key mask and the tokens past N live in the tile of [m_j v_j, m_j] only
+    (zero rows), so A itself needs no mask but the causal j <= i."""
+    from .emit_write import segment_partials, value_tile
+
+    op = kernel.main
+    K, Dv, C = g.dims["K"], g.dims["Dv"], g.tile
+    eps = float(op.eps)
+    mask = g.key_mask(op.key_mask if op.key_mask in present else None)
+    init = op.initial_state if op.initial_state in present else None
+    s0, n0 = g.memory(init) if init is not None else (None, None)
+    # what each chunk writes (the keys' responsibilities are computed again in the
+    # y kernel: recomputing [C, K] costs less than a global [B, H, N, K] buffer)
+    g.group = "part"
+    rk_part = g.r_operand(kernel, "rk", "kp")
+    vx_part = value_tile(g, op.v, mask, "v_part")
+    part = segment_partials(g, rk_part, vx_part, 1, "S_chunk")
+    ps, s_end, n_end = state_prefix(part, s0, n0, g.target_kind != "llvm")
+    g.notes.append("S_in: " + ("S0 + " if s0 is not None else "")
+                   + "exclusive prefix of S_chunk over chunks, [B, H, NC, K, Dv + 1] (te.extern:"
+                   " a sequential loop over chunks per element); its other outputs are the "
+                   "final state")
+    g.group = "y"
+    rq = g.r_operand(kernel, "rq", "q")
+    rk = g.r_operand(kernel, "rk", "k")
+    vx = value_tile(g, op.v, mask, "v_ext")
+
+    def wide(x: Any) -> Any:
+        return x if g.token_dtype == F32 else x.astype(F32)
+
+    def guard(cond: Any, value: Any) -> Any:
+        return tirx.if_then_else(cond, value, tirx.const(0.0, F32))
+
+    # S_in(c) of the tile's chunk, [K, Dv + 1] in shared memory: a per-tile stage (no
+    # token axis: (b, h, t) lead it like the per-token stages)
+    st = te.compute((g.B, g.H, g.tiles, K, Dv + 1), lambda b, h, t, k, e: ps[b, h, t, k, e],
+                    name="S_tile")
+    g.stage(st, "bhti", "S_in(c), n_in(c) of the tile's chunk  [K, Dv + 1]", "fill")
+    if op.norm == "slot":
+        j0 = te.reduce_axis((0, C), name="j")
+        wc = g.per_token("w_cum", (K,), lambda ix, k: te.sum(
+            guard(j0 <= ix[3], rk[ix[0], ix[1], ix[2], j0, k] * wide(vx[ix[0], ix[1], ix[2],
+                                                                       j0, Dv])), axis=j0),
+            "sum_(j in chunk, j <= i) m_j r_jk  [C, K]", "gemm")
+        qn = g.per_token("q_norm", (K,), lambda ix, k: rq[(*ix, k)] / (
+            st[ix[0], ix[1], ix[2], k, Dv] + wc[(*ix, k)] + eps),
+            "r_ik / (n_k(i) + eps)  [C, K]", "map")
+        width = Dv
+    else:
+        qn, width = rq, Dv + 1
+    kk = te.reduce_axis((0, K), name="k")
+    a = g.per_token("A", (C,), lambda ix, j: te.sum(
+        qn[(*ix, kk)] * rk[ix[0], ix[1], ix[2], j, kk], axis=kk),
+        "A_ij = q_i . r_j  [C, C] (j <= i applied in y_intra)", "gemm")
+    j1 = te.reduce_axis((0, C), name="j")
+    intra = g.per_token("y_intra", (width,), lambda ix, e: te.sum(
+        guard(j1 <= ix[3], a[(*ix, j1)] * wide(vx[ix[0], ix[1], ix[2], j1, e])), axis=j1),
+        "sum_(j <= i) A_ij [m_j v_j, m_j]  [C, W]", "gemm")
+    k1 = te.reduce_axis((0, K), name="k")
+    inter = g.per_token("y_inter", (width,), lambda ix, e: te.sum(
+        qn[(*ix, k1)] * st[ix[0], ix[1], ix[2], k1, e], axis=k1),
+        "q_i . S_in(c)  [C, W]", "gemm")
+
+    def y_of(b, h, i, e):
+        ix = g.ix_of(b, h, i)
+        num = intra[(*ix, e)] + inter[(*ix, e)]
+        if op.norm == "row":
+            return num / (intra[(*ix, Dv)] + inter[(*ix, Dv)] + eps)
+        return num
+    if g.layout == "bnhd":
+        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
+        g.stage(y, "bnh", "y in layout bnhd", "out")
+    else:
+        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
+                       name="y")
+        g.stage(y, "bhn", "y in layout bhnd", "out")
+    g.group = ""
     g.output(op.out, y, g.token_shape(Dv))
     g.output(op.state_out, s_end, ("B", "H", K, Dv), "S")
     g.output(op.state_out, n_end, ("B", "H", K), "n")

@@ -45,35 +45,13 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     (a tile of [v, 1] with masked keys and tokens past N zeroed: column Dv is n),
     then S and n sum the segments in order."""
     op = kernel.main
-    K, Dv, TPS = g.dims["K"], g.dims["Dv"], segment_tiles
+    K, Dv = g.dims["K"], g.dims["Dv"]
     B, H = g.B, g.H
     r = g.r_operand(kernel, "r", "k")
-    raw = g.input(op.v, g.token_shape(Dv), dtype=g.token_dtype)
     mask = g.key_mask(op.key_mask if op.key_mask in present else None)
-    zero, one = tirx.const(0, g.token_dtype), tirx.const(1, g.token_dtype)
-
-    def load(ix, e):
-        b, h, n = ix[0], ix[1], g.n_of(ix)
-        keep = n < g.N
-        if mask is not None:
-            keep = tirx.all(keep, mask(b, n))
-        v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
-        return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)
-    vx = g.per_token("v_ext", (Dv + 1,), load, f"[m_j v_j, m_j] tile  [N, Dv + 1] "
-                     f"({g.token_dtype}; zeros past N)", "fill")
-    nseg = tirx.indexdiv(g.tiles + (TPS - 1), TPS)
-    jt = te.reduce_axis((0, TPS), name="jt")
-    ji = te.reduce_axis((0, g.tile), name="ji")
-
-    def term(b, h, s, k, e):
-        t = s * TPS + jt
-        v = vx[b, h, t, ji, e]
-        v = v if g.token_dtype == F32 else v.astype(F32)
-        return tirx.if_then_else(t < g.tiles, r[b, h, t, ji, k] * v, tirx.const(0.0, F32))
-    part = te.compute((B, H, nseg, K, Dv + 1), lambda b, h, s, k, e: te.sum(
-        term(b, h, s, k, e), axis=[jt, ji]), name="S_seg")
-    g.stage(part, "bhs", f"S_seg = sum_(j in segment) r_jk [m_j v_j, m_j]  [B, H, NSEG, K, "
-            f"Dv + 1], segments of {TPS} tiles", "out")
+    vx = value_tile(g, op.v, mask, "v_ext")
+    part = segment_partials(g, r, vx, segment_tiles, "S_seg")
+    nseg = part.shape[2]
     s1 = te.reduce_axis((0, nseg), name="s")
     s_mem = te.compute((B, H, K, Dv), lambda b, h, k, e: te.sum(part[b, h, s1, k, e], axis=s1),
                        name="S")
@@ -85,3 +63,42 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     g.output(op.out, s_mem, ("B", "H", K, Dv), "S")
     g.output(op.out, n_mem, ("B", "H", K), "n")
     return g
+
+
+def value_tile(g: Graph, v_name: str, mask: Any, name: str) -> Any:
+    """The tiled stage [m_j v_j, m_j] [*token_lead, Dv + 1] in the token dtype: masked
+    keys and tokens past N are zeros (they add nothing to S or n)."""
+    Dv = g.dims["Dv"]
+    raw = g.input(v_name, g.token_shape(Dv), dtype=g.token_dtype)
+    zero, one = tirx.const(0, g.token_dtype), tirx.const(1, g.token_dtype)
+
+    def load(ix, e):
+        b, h, n = ix[0], ix[1], g.n_of(ix)
+        keep = n < g.N
+        if mask is not None:
+            keep = tirx.all(keep, mask(b, n))
+        v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
+        return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)
+    return g.per_token(name, (Dv + 1,), load, f"[m_j v_j, m_j] tile  [N, Dv + 1] "
+                       f"({g.token_dtype}; zeros past N)", "fill")
+
+
+def segment_partials(g: Graph, r: Any, vx: Any, segment_tiles: int, name: str) -> Any:
+    """The "out" stage [B, H, NSEG, K, Dv + 1] = sum_(j in segment) r_jk vx_j over
+    segments of ``segment_tiles`` tiles (the write kernel of the cuda schedule:
+    ``schedule_cuda._Sched.segment_output``); the scan takes one tile per segment."""
+    K, Dv, TPS = g.dims["K"], g.dims["Dv"], segment_tiles
+    nseg = tirx.indexdiv(g.tiles + (TPS - 1), TPS)
+    jt = te.reduce_axis((0, TPS), name="jt")
+    ji = te.reduce_axis((0, g.tile), name="ji")
+
+    def term(b, h, s, k, e):
+        t = s * TPS + jt
+        v = vx[b, h, t, ji, e]
+        v = v if g.token_dtype == F32 else v.astype(F32)
+        return tirx.if_then_else(t < g.tiles, r[b, h, t, ji, k] * v, tirx.const(0.0, F32))
+    part = te.compute((g.B, g.H, nseg, K, Dv + 1), lambda b, h, s, k, e: te.sum(
+        term(b, h, s, k, e), axis=[jt, ji]), name=name)
+    g.stage(part, "bhs", f"{name} = sum_(j in segment) r_jk [m_j v_j, m_j]  [B, H, NSEG, K, "
+            f"Dv + 1], segments of {TPS} tiles", "out")
+    return part

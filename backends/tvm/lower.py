@@ -49,7 +49,7 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
     if kernel.kind == "read":
         return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile)
     return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind,
-                          token_dtype)
+                          token_dtype, bool(tile))
 
 
 def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],

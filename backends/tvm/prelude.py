@@ -48,7 +48,10 @@ class Stage:
     thread block: "fill" (a cooperative copy), "map" (elementwise), "rows" (one
     reduction per token), "gemm" (a product with a reduction: micro tiles in
     registers), "out" (the kernel's result); ``cache`` names the small tables a
-    "gemm" stage stages through shared memory in chunks of its reduction."""
+    "gemm" stage stages through shared memory in chunks of its reduction.  ``group``
+    names the kernel a tiled stage belongs to where one graph has several tiled
+    kernels (the scan: chunk partials, then y): it is computed at the tile loop of
+    the "out" stage of its group."""
 
     name: str
     loops: str
@@ -56,6 +59,7 @@ class Stage:
     cache: tuple = ()
     ndim: int = 0
     bits: int = 32
+    group: str = ""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
+    group: str = ""          # stamped on the stages emitted next (Stage.group)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     # -- parameters ------------------------------------------------------------
@@ -136,7 +141,7 @@ class Graph:
         import tvm
 
         self.stages.append(Stage(tensor.op.name, loops, role, cache, len(tensor.shape),
-                                 int(tvm.DataType(str(tensor.dtype)).bits)))
+                                 int(tvm.DataType(str(tensor.dtype)).bits), self.group))
         if note:
             self.notes.append(f"{tensor.op.name}: {note}")
         return tensor

@@ -27,11 +27,11 @@ from .prelude import Graph
 def schedule(g: Graph, func: Any, config: Config, target_kind: str) -> Any:
     """The scheduled ``s_tir.Schedule`` of ``func`` (the PrimFunc of ``g``)."""
     if target_kind == "cuda":
-        if g.tile:
-            from .schedule_cuda import schedule_tiled
+        if not g.tile:  # every plan's cuda graph is tiled (lower._emit)
+            raise ValueError(f"tvm backend: the cuda schedule needs a tiled graph ({g.kind})")
+        from .schedule_cuda import schedule_tiled
 
-            return schedule_tiled(g, func, config)
-        return _schedule_gpu(g, func, config)
+        return schedule_tiled(g, func, config)
     if target_kind != "llvm":
         raise ValueError(f"tvm backend: no schedule for target kind {target_kind!r}")
     sch = s_tir.Schedule(func)
@@ -49,42 +49,3 @@ def schedule(g: Graph, func: Any, config: Config, target_kind: str) -> Any:
         sch.parallel(sch.fuse(loops[0], loops[1]))
     return sch
 
-
-def _schedule_gpu(g: Graph, func: Any, config: Config) -> Any:
-    """GPU (cuda): per-token stages ("bhn" / "bnh", results in layout bnhd brought
-    to (b, h, n) order) bind the fused (b, h) pair to blockIdx.y and tile their
-    tokens x inner elements over blockIdx.x and ``num_threads`` threads
-    (threadIdx.x runs along the innermost, contiguous axis: coalesced loads and
-    stores); per-(b, h) stages and the mixture's small tables fuse all spatial
-    loops over blockIdx.x / threadIdx.x.  Reductions stay serial per thread,
-    float32.  The chunk prefix (an extern) binds its own threads.  B * H must
-    stay <= 65535 (the grid's y limit)."""
-    sch = s_tir.Schedule(func)
-    threads = int(config.get("num_threads", 128))
-    extern = {"S_in", "n_in"}
-    for name in g.inline:
-        sch.compute_inline(sch.get_sblock(name))
-    per_token = {stage.name: stage.loops for stage in g.stages if "n" in stage.loops}
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        stmt = sch.get(block)
-        if stmt.name_hint in extern or not stmt.iter_vars:
-            continue
-        spatial = sum(1 for iv in stmt.iter_vars if int(iv.iter_type) == 0)
-        loops = sch.get_loops(block)[:spatial]
-        loop_kind = per_token.get(stmt.name_hint)
-        if loop_kind is not None and spatial >= 3:
-            if loop_kind == "bnh":  # (b, n, h, ...) -> (b, h, n, ...)
-                sch.reorder(loops[2], loops[1])
-                loops = sch.get_loops(block)[:spatial]
-            sch.bind(sch.fuse(loops[0], loops[1]), "blockIdx.y")
-            rest = loops[2:]
-            fused = sch.fuse(*rest) if len(rest) > 1 else rest[0]
-            bx, tx = sch.split(fused, [None, threads])
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
-            continue
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        bx, tx = sch.split(fused, [None, threads])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    return sch

@@ -1,5 +1,5 @@
-"""The cuda schedule of a tiled graph (``Graph.tile`` > 0: responsibility, read
-and write plans): one thread block per tile of ``block_n`` tokens of one (b, h)
+"""The cuda schedule of a tiled graph (``Graph.tile`` > 0: responsibility, read,
+write and scan plans): one thread block per tile of ``block_n`` tokens of one (b, h)
 pair (write: per segment of ``write_tiles`` tiles), every per-token stage
 computed at the tile loop into shared memory, so that nothing of size N x K
 reaches global memory.  The trace of the schedule heads ``executable.source``.
@@ -15,9 +15,18 @@ recomputed in float64 where used), then
   write: one kernel, grid (segments, B * H, splits of K x (Dv + 1)): per token
       tile the responsibilities as above and the partial sums S_seg += r^T [v, 1]
       (n is the column of ones), accumulators in registers; then one small kernel
-      each for S and n summing the segments in order (deterministic).
+      each for S and n summing the segments in order (deterministic);
+  scan (tile = chunk C): the write kernel with one chunk per segment (S_chunk
+      [B, H, NC, K, Dv + 1]); the prefix over chunks (emit_scan.state_prefix, a
+      te.extern binding its own threads: one per (b, h, k, e), a loop over the
+      chunks) writing S_in and the final state; one kernel, grid (chunks, B * H):
+      r of the chunk's queries and keys, [m v, m] and S_in(c) in shared memory,
+      (slot: the in-chunk prefix of n, then r / n), A = q r^T [C, C], then
+      sum_(j <= i) A_ij [m v, m] and q S_in(c) as "gemm" stages -> y in the
+      call's layout.  A graph of several kernels tags their tiled stages with the
+      group of the kernel's "out" stage (``Stage.group``).
 
-Thread count: ``num_threads`` for read / responsibility; the write kernel takes
+Thread count: ``num_threads`` for read / responsibility / scan y; the write kernel takes
 one thread per TM x TN accumulator tile of K x (Dv + 1) (at most 1024, the rest
 over blockIdx.z).  Every stage of a kernel splits its work over those threads.
 Shared memory is "shared.dyn" (TVM's runtime raises the kernel's limit past 48 KiB).
@@ -113,9 +122,9 @@ class _Sched:
                 self.rows(tot, own[:spatial], 1, MIX_THREADS)
 
     # -- per-token stages at the tile loop ----------------------------------------------
-    def tile_stages(self, tile_loop: Any) -> None:
+    def tile_stages(self, tile_loop: Any, group: str = "") -> None:
         sch, g = self.sch, self.g
-        tiled = [s for s in g.stages if s.loops == "bhti"]
+        tiled = [s for s in g.stages if s.loops == "bhti" and s.group == group]
         for stage in reversed(tiled):
             block = sch.get_sblock(stage.name)
             # the scope first: compute_at relaxes a shared buffer's region over the
@@ -154,7 +163,8 @@ class _Sched:
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
         for name in cache:
-            staged = sch.cache_read(block, name, SMEM)
+            # this block's own copy (the scan's three responsibilities read the same tables)
+            staged = sch.cache_read(block, name, SMEM, consumer_blocks=[block])
             sch.compute_at(staged, ro)
             self.pad(staged, 3, 32)  # [H, K, D] tables, float32
             cl = sch.get_loops(staged)
@@ -178,7 +188,21 @@ class _Sched:
         sch.bind(sch.fuse(b, h), "blockIdx.y")
         nt, ni = sch.split(n, [None, self.g.tile])
         sch.bind(nt, "blockIdx.x")
-        self.flat_threads([ni, *loops[3:]])
+        rest = list(loops[3:])
+        width = 1
+        for loop in rest:
+            width *= int(sch.get(loop).extent)
+        if (self.g.tile * width) % self.threads == 0:
+            # token-major: consecutive threads store consecutive elements of a row
+            self.flat_threads([ni, *rest])
+        else:
+            # element-major: with the thread loop padded past the tile, a token-major
+            # token index (fused // width) would run into the next tile, and the stages
+            # computed at the tile loop would be computed for two tiles (buffers of
+            # symbolic extent min(NT, 2) tiles, which TVM 0.27's SplitHostDevice then
+            # refuses); here the token is fused % tile, always inside the tile
+            sch.reorder(*rest, ni)
+            self.flat_threads([*rest, ni])
         return nt
 
     def segment_output(self, name: str) -> Any:
@@ -223,17 +247,22 @@ class _Sched:
 
 
 def schedule_tiled(g: Graph, func: Any, config: Config) -> Any:
-    """The scheduled ``s_tir.Schedule`` of a tiled graph (see the module docstring)."""
+    """The scheduled ``s_tir.Schedule`` of a tiled graph (see the module docstring):
+    one kernel per "out" stage (anchor), each with the tiled stages of its group."""
     s = _Sched(g, func, config)
     anchors = [st for st in g.stages if st.role == "out"]
-    if len(anchors) != 1:
-        raise ValueError(f"tvm backend: a tiled graph needs one 'out' stage, got {anchors}")
-    anchor = anchors[0]
-    if anchor.loops == "bhs":
-        tile_loop = s.segment_output(anchor.name)
-    else:
-        tile_loop = s.token_output(anchor.name, anchor.loops)
-    s.tile_stages(tile_loop)
+    groups = [st.group for st in anchors]
+    if not anchors or len(set(groups)) != len(groups):
+        raise ValueError(f"tvm backend: a tiled graph needs one 'out' stage per group, got "
+                         f"{anchors}")
+    for anchor in anchors:
+        # each kernel its own thread count (segment_output takes one per accumulator tile)
+        s.threads = int(config.get("num_threads", 256))
+        if anchor.loops == "bhs":
+            tile_loop = s.segment_output(anchor.name)
+        else:
+            tile_loop = s.token_output(anchor.name, anchor.loops)
+        s.tile_stages(tile_loop, anchor.group)
     s.mixture()
     for stage in g.stages:
         if stage.loops == "bh":

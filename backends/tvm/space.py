@@ -6,7 +6,8 @@ whole program (the scan alone reads ``chunk``):
   block_n   tokens per tile of each per-token loop nest; the tiles of all
             (b, h) pairs are the parallel loop on the CPU
   chunk     tokens per causal chunk C (masked C x C products inside a chunk,
-            a K x Dv state carried across chunks)
+            a K x Dv state carried across chunks); on cuda also the scan's
+            token tile (one thread block per chunk), block_n unused there
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ KNOBS = {
 }
 DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64)
 # cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
-# [64, K] logits and [64, Dv] products at K = Dv = 64)
-CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, num_threads=256)
+# [64, K] logits and [64, Dv] products at K = Dv = 64); the scan's tile is its chunk,
+# so chunks of 64 as well (the [C, C] product then fills the 256 threads too)
+CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, chunk=64, num_threads=256)
 
 
 def default_config(kind: str, target: str = "llvm") -> Config:

@@ -1,6 +1,6 @@
 """The cuda plans' tiled graphs (per-token stages in tiles of block_n tokens, the
-write plan's segment partials: ``Graph.tile``, emit_read / emit_write /
-emit_responsibility) checked against the float64 oracle without a GPU: built for
+write plan's segment partials, the scan's chunk partials, prefix and per-chunk y:
+``Graph.tile``, emit_read / emit_write / emit_responsibility / emit_scan) checked against the float64 oracle without a GPU: built for
 llvm with the CPU schedule (``lower.TILED_ON_CPU``).  What this checks is the
 TE of the cuda path (zero padding past N, key mask and the column of ones in the
 [v, 1] tile, segment sums, slot / row norms, both layouts); the cuda schedule
@@ -20,7 +20,7 @@ pytest.importorskip("tvm")
 
 from gmagen.backends.tvm import lower  # noqa: E402
 
-from .test_tvm_backend import TOL, f64, make_case, run  # noqa: E402
+from .test_tvm_backend import TOL, f64, init_state, make_case, run  # noqa: E402
 
 # N = 70 with block_n 16 and 2 tiles per segment: 5 tiles, 3 segments, the last
 # segment half empty and the last tile of 6 tokens
@@ -69,3 +69,48 @@ def test_tiled_responsibilities(tiled, rng, gma_ref):
     r = gmagen.responsibilities(inputs["q"], *mix, backend="tvm", target="llvm", config=CONFIG)
     ref = gmagen.responsibilities(*(f64(t) for t in (inputs["q"], *mix)))
     gma_ref.assert_close(r, ref, TOL, "R")
+
+
+# the scan's tile is its chunk: N = 70 in chunks of 16, the last of 6 tokens
+SCAN_CONFIG = {"chunk": 16}
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("mask,init", [(False, False), (True, False), (True, True)],
+                         ids=["nomask", "mask", "mask-init"])
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"),
+                                      ("slot", "shared"), ("row", "shared")])
+def test_tiled_scan(norm, cov, mask, init, layout, tiled, rng, gma_ref):
+    """y and the final state of the tiled scan (chunk partials S_chunk, their
+    prefix S_in, per chunk the C x C product and the state's term) vs the oracle,
+    from zeros or from an initial state."""
+    B, N, H, D, Dv, K = SHAPE
+    inputs = make_case(rng, gma_ref, SHAPE, cov, mask, hard="bhnd" if layout == "bhnd" else "")
+    extra = {"initial_state": init_state(rng, B, H, K, Dv)} if init else {}
+    kern = gmagen.compile(gmagen.gma(True, norm, cov, layout=layout), backend="tvm",
+                          target="llvm", config=SCAN_CONFIG)
+    ref = gmagen.compile(gmagen.gma(True, norm, cov, layout=layout), "numpy")
+    assert "S_chunk" in kern.source and "y_intra" in kern.source
+    y, (S, n) = run(kern, inputs, layout, **extra)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()}, layout,
+                       **{k: f64(v) for k, v in extra.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")
+
+
+@pytest.mark.parametrize("N,chunk", [(1, 16), (16, 16), (37, 16), (37, 64), (37, 1)])
+def test_tiled_scan_lengths(N, chunk, tiled, rng, gma_ref):
+    """One token, exactly one chunk, a partial last chunk, one chunk longer than
+    the sequence, chunks of one token."""
+    B, _, H, D, Dv, K = SHAPE
+    inputs = make_case(rng, gma_ref, (B, N, H, D, Dv, K), "diag", True)
+    state = init_state(rng, B, H, K, Dv)
+    kern = gmagen.compile(gmagen.gma(True, "slot", "diag"), backend="tvm", target="llvm",
+                          config={"chunk": chunk})
+    ref = gmagen.compile(gmagen.gma(True, "slot", "diag"), "numpy")
+    y, (S, n) = run(kern, inputs, initial_state=state)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()}, initial_state=f64(state))
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")

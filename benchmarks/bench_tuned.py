@@ -12,7 +12,10 @@
 4. Latencies: one cache lookup from a fresh cache object (the file read and
    checked), and ``gmagen.compile`` + first call in a fresh process, with
    Triton's kernel cache cold and warm.
-5. ``--export``: the tuned entries of this GPU as a cache file to ship.
+5. ``--export``: the tuned entries of this GPU as a cache file to ship, less
+   those of a row whose full call (step 3) ran slower with its tuned configs
+   than with the defaults (``lost_in_full_calls``): a config that won its
+   kernel-level race but lost the end-to-end one is not shipped.
 
     python benchmarks/bench_tuned.py --out tuned.json --export autotune_h100.json
 """
@@ -145,6 +148,39 @@ def fresh_process(causal: bool, N: int, cache_dir: Path, triton_cache: Path) -> 
     return rec
 
 
+FULL_CALL_TOLERANCE = 0.03  # a tuned row may be this much slower in full calls (their noise)
+
+
+def lost_in_full_calls(records: list, tolerance: float = FULL_CALL_TOLERANCE) -> dict[str, str]:
+    """{cache key: why} for the tuned entries of every (backend, variant, N) whose
+    full call timed ``-tuned`` above ``-default`` by more than ``tolerance``; only
+    entries whose config differs from the default (the others are the default)."""
+    bench = {(r["impl"], r["variant"], r["N"]): r["ms"] for r in records if r.get("kind") == "bench"}
+    lost = {}
+    for r in records:
+        if r.get("kind") != "tune" or r.get("strategy") != "auto" or "plans" not in r:
+            continue
+        tuned = bench.get((f"gmagen-{r['backend']}-tuned", r["variant"], r["N"]))
+        default = bench.get((f"gmagen-{r['backend']}-default", r["variant"], r["N"]))
+        if tuned is None or default is None or tuned <= default * (1 + tolerance):
+            continue
+        for plan in r["plans"]:
+            if plan["config"] != plan["default"]:
+                lost[plan["key"]] = (f"{r['backend']} {r['variant']} N={r['N']}: full call "
+                                     f"{tuned:.4f} ms tuned vs {default:.4f} ms default")
+    return lost
+
+
+def drop_entries(path: Path, keys: dict[str, str]) -> None:
+    """Remove ``keys`` from the cache file at ``path`` (written by export), saying why."""
+    data = json.loads(path.read_text())
+    dropped = [key for key in keys if data["entries"].pop(key, None) is not None]
+    for key in dropped:
+        print(f"not shipped ({keys[key]}): {key}", flush=True)
+    if dropped:
+        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -266,7 +302,9 @@ def main() -> None:
     if args.export:  # 5
         os.environ["GMAGEN_CACHE_DIR"] = str(tuned_dir)
         count = autotune.default_cache().export(Path(args.export), gpu)
-        print(f"exported {count} entries for {gpu} to {args.export}", flush=True)
+        lost = lost_in_full_calls(records)
+        drop_entries(Path(args.export), lost)
+        print(f"exported {count - len(lost)} entries for {gpu} to {args.export}", flush=True)
 
 
 if __name__ == "__main__":

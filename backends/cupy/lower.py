@@ -78,10 +78,12 @@ def caller_stream(binding: Any, device: int) -> Any:
     if binding.framework == "torch":
         import torch
 
-        ptr = torch.cuda.current_stream(device).cuda_stream
-        # ExternalStream is deprecated in CuPy 14 (Stream.from_external takes torch's
-        # stream through __cuda_stream__); kept until that path has run on a GPU
-        return cupy.cuda.ExternalStream(ptr, device)
+        stream = torch.cuda.current_stream(device)
+        # the CUDA stream protocol (__cuda_stream__: CuPy >= 14, recent torch) where
+        # both sides have it: CuPy 14 deprecates ExternalStream, which older ones need
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            return cupy.cuda.Stream.from_external(stream)
+        return cupy.cuda.ExternalStream(stream.cuda_stream, device)
     return cupy.cuda.get_current_stream()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -407,7 +408,10 @@ def test_torch_caller_stream():
         side = torch.cuda.Stream()
         t = _cuda(arrs, "f32")
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # torch's stream reaches CuPy through the CUDA stream protocol, not
+            # CuPy 14's deprecated ExternalStream
+            warnings.filterwarnings("error", message=".*ExternalStream.*")
             torch.cuda._sleep(20_000_000)  # the launch must queue behind this, not overtake it
             y = kern(*t)
             y2 = y * 1.0  # ordered after the kernel on the same stream

@@ -95,7 +95,8 @@ if [[ "$mode" == profile ]]; then
       "${tvm_bench[@]}" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | tail -60
 fi
 if [[ "$mode" == host ]]; then
-  # host time of an eager call and the functions it goes to (HOST_ARGS: --n ...)
+  # host time of an eager call (bidirectional, causal, a decode step) and the
+  # functions it goes to (HOST_ARGS: --n ..., --sort cumulative)
   timeout "${HOST_TIMEOUT:-200}" $PY benchmarks/profile_host.py --out "$OUT/host.json" \
       ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | tail -150
 fi

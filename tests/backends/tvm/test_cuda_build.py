@@ -212,3 +212,117 @@ def test_y_is_written_in_the_token_dtype(dtype):
                 continue
             src = cuda_source(kp, "bnhd", BENCH, frozenset(), Config(), "sm_90", dtype)
             assert set(re.findall(r"(\w+)\* __restrict__ y_ptr", src)) == {ctype}, kp.name
+
+
+# -- the causal scan's cuda kernels (emit_scan._emit_tiled) -------------------------------
+SCAN_TABLES = {"mean_a", "mean_b", "mean_c"}
+SCAN_GLOBALS = SCAN_TABLES | {"q", "k", "v", "key_mask", "initial_state_S", "initial_state_n",
+                              "y", "S_chunk", "S_in", "S_final", "n_final", "log_var", "logit",
+                              "mean"}
+
+
+def _body(src, name):
+    """The definition of kernel ``name`` (not its declaration), up to its closing brace."""
+    start = re.search(name + r"\([^)]*\) \{", src).start()
+    return src[start:src.index("\n}\n", start)]
+
+
+def _scan_kernels(src):
+    """(chunk partials, prefix, y) kernels of a scan's CUDA source, by their parameters."""
+    kernels = _kernels(src)
+    (part,) = [n for n, (_, p) in kernels.items() if "S_chunk" in p and "k" in p]
+    (prefix,) = [n for n, (_, p) in kernels.items() if "S_chunk" in p and "S_in" in p]
+    (y,) = [n for n, (_, p) in kernels.items() if "y" in p]
+    return kernels, part, prefix, y
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"), ("slot", "shared")])
+def test_causal_cuda_build(norm, cov, dtype, arch):
+    """The causal plan builds for sm_80 and sm_90 with every token dtype, key mask and
+    initial state present: y stored in the token dtype by the per-chunk kernel."""
+    (kp,) = plan_program(gmagen.gma(True, norm, cov)).kernels
+    src = cuda_source(kp, "bnhd", DIMS, frozenset({"key_mask", "initial_state"}),
+                      Config(chunk=16), arch, dtype)
+    ctype = {"float32": "float", "float16": "half", "bfloat16": "nv_bfloat16"}[dtype]
+    assert set(re.findall(r"(\w+)\* __restrict__ y_ptr", src)) == {ctype}
+    kernels, part, prefix, y = _scan_kernels(src)
+    assert "initial_state_S" in kernels[prefix][1] and "S_final" in kernels[prefix][1]
+
+
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"), ("row", "shared"),
+                                      ("slot", "diag")])
+def test_fused_causal_kernels(norm, cov):
+    """The causal plan at the benchmark shape, bf16, key mask: the mixture tables, the
+    chunk partials (one block per chunk of 64 and (b, h), 272 threads: one per 4 x 4
+    tile of K x (Dv + 1)), the prefix over chunks (one thread per state element of a
+    (b, h), 128 per block) and one fused kernel per chunk for y (256 threads, shared
+    memory and barriers), six kernels (shared covariance: no table a), where the per-
+    stage schedule had ~25.  No kernel touches a global buffer but the inputs, outputs,
+    tables and the per-chunk states S_chunk / S_in."""
+    (kp,) = plan_program(gmagen.gma(True, norm, cov)).kernels
+    src = cuda_source(kp, "bnhd", BENCH, frozenset({"key_mask"}), Config(), "sm_90", "bfloat16")
+    kernels, part, prefix, y = _scan_kernels(src)
+    assert len(kernels) == 6 - (cov == "shared"), list(kernels)
+    for name, (threads, pointers) in kernels.items():
+        assert set(pointers) <= SCAN_GLOBALS, (name, pointers)
+    assert kernels[part][0] == 272 and kernels[prefix][0] == 128 and kernels[y][0] == 256
+    assert {"q", "k", "v", "S_in", "y"} <= set(kernels[y][1]) and "S_chunk" not in kernels[y][1]
+    for name in (part, y):
+        body = _body(src, name)
+        assert "extern __shared__" in body and "__syncthreads()" in body, name
+
+
+def test_causal_global_scratch_is_per_chunk():
+    """The scan's global intermediates are the tables and the per-chunk states
+    [B, H, ceil(N / C), K, Dv + 1] (S_chunk, S_in): nothing per token."""
+    from gmagen.backends.tvm import space
+    from gmagen.backends.tvm.lower import scheduled_module
+
+    (kp,) = plan_program(gmagen.gma(True, "slot", "diag")).kernels
+    _, mod, _ = scheduled_module(kp, "bnhd", BENCH, frozenset({"key_mask"}),
+                                 space.validate(Config(), "cuda"), "cuda", "bfloat16")
+    scratch = [line.strip() for line in mod.script().splitlines()
+               if "alloc_buffer(" in line and "scope=" not in line]
+    names = sorted(line.split("=")[0].strip() for line in scratch)
+    assert names == ["S_chunk", "S_in", "mean_a", "mean_b", "mean_c"], scratch
+    for line in scratch:
+        if line.startswith("S_"):
+            assert "(B, H, (N + 63) // 64, 64, 65)" in line, line
+
+
+@pytest.mark.parametrize("D,Dv,K", [(16, 8, 4), (16, 8, 7), (8, 5, 1), (96, 100, 48)])
+def test_write_backs_of_the_scan_are_guarded(D, Dv, K):
+    """The scan's global stores: S_chunk as the write plan's S_seg (one thread per
+    4 x 4 tile, each store under an ``if`` on the thread's tile where the tiles
+    overhang K or Dv + 1); the prefix one thread per element of K x (Dv + 1), the
+    last block's threads past it under ``if (... < K (Dv + 1))`` with every store
+    inside; y under the token's ``< N``.  (The prefix: a te.extern whose loops
+    and guard emit_scan.state_prefix writes itself, one thread per element.)"""
+    (kp,) = plan_program(gmagen.gma(True, "row", "diag")).kernels
+    src = cuda_source(kp, "bnhd", {"D": D, "Dv": Dv, "K": K}, frozenset({"initial_state"}),
+                      Config(), "sm_90")
+    kernels, part, prefix, y = _scan_kernels(src)
+    lines = src.splitlines()
+    stores = [i for i, line in enumerate(lines)
+              if re.search(r"S_chunk_ptr\[.*\] = S_chunk_local", line)]
+    assert stores
+    if K % 4 or (Dv + 1) % 4:
+        for i in stores:
+            guard = lines[i - 1].strip()
+            assert guard.startswith("if (") and "threadIdx.x" in guard, (guard, lines[i])
+    assert kernels[part][0] == -(-K // 4) * -(-(Dv + 1) // 4)
+    size = K * (Dv + 1)
+    assert kernels[prefix][0] == min(size, 128)
+    body = _body(src, prefix)
+    if size % min(size, 128):
+        # TVM simplifies ``flat < size`` (e.g. to ``(flat >> 4) < 303``): the check is
+        # that one ``if`` on the thread encloses the whole body, every store included
+        rows = body.splitlines()
+        (first,) = [i for i, line in enumerate(rows) if line.startswith("  if (")]
+        assert "threadIdx.x" in rows[first] and rows[-1] == "  }", rows[first]
+        assert not [line for line in rows[1:first] if re.search(r"_ptr\[.*\] = ", line)]
+    (y_store,) = [i for i, line in enumerate(lines) if re.search(r"\by_ptr\[.*\] = ", line)]
+    guards = [line for line in lines[y_store - 12:y_store] if line.strip().startswith("if (")]
+    assert guards and "< N)" in guards[-1], lines[y_store - 12:y_store]

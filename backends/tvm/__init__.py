@@ -13,11 +13,14 @@ DLPack, no copy when they are contiguous and 64-byte aligned).  Target "cuda"
 (``target="cuda"``: the arch of the CUDA device, which must exist; or
 ``target={"kind": "cuda", "arch": "sm_90"}`` / ``arch="sm_90"``: any machine)
 takes float32, float16 or bfloat16 tokens (float32 accumulation) as torch
-CUDA tensors; its read, write and responsibility plans are one fused kernel per
-tile of tokens (``schedule_cuda.py``: intermediates in shared memory and
-registers, nothing of size N x K in global memory), the causal scan still the
-per-stage schedule of ``schedule.py``; building needs no GPU (kernels to cubin with nvcc), running
-needs TVM's CUDA runtime.  ``kernel.export(path, ...)`` (``export.py``) writes
+CUDA tensors; every plan is tiled (``schedule_cuda.py``): read, write and
+responsibility one fused kernel per tile of tokens (intermediates in shared
+memory and registers, nothing of size N x K in global memory), the causal scan
+per-chunk partial states, a prefix over chunks and one fused kernel per chunk.
+A specialization whose kernels need more shared memory per block than the arch
+allows (large K x Dv: the causal scan keeps a K x (Dv + 1) state per block) is
+refused at build time with UnsupportedFeature.  Building needs no GPU (kernels
+to cubin with nvcc), running needs TVM's CUDA runtime.  ``kernel.export(path, ...)`` (``export.py``) writes
 libraries that ``gmagen.load(path)`` runs with TVM's runtime alone.  TVM is
 imported when the backend is probed or lowered, never with this module.
 """

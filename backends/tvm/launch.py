@@ -7,18 +7,25 @@ the kernels are compiled to cubin (``cubin.py``) when the function is first
 run, by writing the library the way ``kernel.export`` does and loading it with
 ``tvm.runtime.load_module`` (one code path for in-process runs and exports),
 so building and exporting need no GPU and running needs TVM's CUDA runtime.
+
+cuda builds also check each kernel's dynamic shared memory (what TVM's
+lowering merged its shared buffers into) against what one block may have on
+the target's arch, and refuse a build that could never launch: the error names
+the kernel, the bytes, the limit, the shape and the config, before anything
+runs, instead of a CUDA launch failure after the plan's first kernels ran.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from gmagen.errors import CompileError
+from gmagen.errors import CompileError, UnsupportedFeature
 
 from . import cubin
 from .runtime import Step
@@ -68,9 +75,11 @@ _BUILT: dict[tuple, Built] = {}
 _LOCK = threading.Lock()
 
 
-def build(key: tuple, make: Callable[[], tuple[Any, str, Step, Callable]], target: dict) -> Built:
+def build(key: tuple, make: Callable[[], tuple[Any, str, Step, Callable]], target: dict,
+          what: str = "this specialization") -> Built:
     """The built function of ``key``; ``make()`` returns (IRModule, name, step,
-    source_of(IRModule) -> str) and runs only on a cache miss."""
+    source_of(IRModule) -> str) and runs only on a cache miss.  ``what`` names the
+    specialization in errors."""
     with _LOCK:
         hit = _BUILT.get(key)
         if hit is not None:
@@ -79,16 +88,73 @@ def build(key: tuple, make: Callable[[], tuple[Any, str, Step, Callable]], targe
 
         mod, name, step, source_of = make()
         start = time.perf_counter()
+        arch = str(target.get("arch", "")) if target["kind"] == "cuda" else ""
+        shared = _shared_memory_instrument() if target["kind"] == "cuda" else None
         try:
-            with _nvcc_callback(str(target.get("arch", "")) if target["kind"] == "cuda" else ""):
+            with _nvcc_callback(arch), tvm.transform.PassContext(
+                    instruments=[shared] if shared is not None else []):
                 lib = tvm.compile(mod, target=tvm.target.Target(target))
         except Exception as exc:  # TVM raises its own error types from C++
             raise CompileError(f"tvm backend: tvm.compile failed for {name} (target "
                                f"{target}): {exc}\n--- TensorIR ---\n{mod.script()}") from exc
+        if shared is not None:
+            check_shared_memory(shared.bytes, arch, what)
         built = Built(lib, name, step, source_of(mod, lib), time.perf_counter() - start,
                       dict(target))
         _BUILT[key] = built
         return built
+
+
+# the most dynamic shared memory one block may opt in to, per compute capability
+# (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")
+SHARED_MEMORY_PER_BLOCK = {"sm_70": 98304, "sm_72": 98304, "sm_75": 65536, "sm_80": 166912,
+                           "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448,
+                           "sm_100": 232448, "sm_103": 232448, "sm_120": 101376}
+_DYN_SHMEM = re.compile(r'buf_dyn_shmem = T\.alloc_buffer\(\(([^,]*),\), "uint8", scope="shared\.dyn"\)')
+
+
+def _shared_memory_instrument() -> Any:
+    import tvm
+
+    @tvm.ir.instrument.pass_instrument
+    class SharedMemory:
+        """After SplitHostDevice: {device kernel: its merged dynamic shared memory in
+        bytes (an int, or the expression when it is not a constant)}."""
+
+        def __init__(self) -> None:
+            self.bytes: dict[str, Any] = {}
+
+        def run_after_pass(self, mod: Any, info: Any) -> None:
+            if info.name != "tirx.SplitHostDevice":
+                return
+            for gv, func in mod.functions.items():
+                if not isinstance(func, tvm.tirx.PrimFunc) or "kernel" not in gv.name_hint:
+                    continue
+                # TVM 0.27 has no Python visitor of tirx statements: the one merged
+                # allocation (MergeSharedMemoryAllocations) read from the printed TIR
+                found = _DYN_SHMEM.search(func.script())
+                if found:
+                    size = found.group(1).strip()
+                    self.bytes[gv.name_hint] = int(size) if size.isdigit() else size
+
+    return SharedMemory()
+
+
+def check_shared_memory(sizes: dict[str, Any], arch: str, what: str) -> None:
+    """UnsupportedFeature when a kernel's dynamic shared memory is not a constant or
+    exceeds what a block may have on ``arch`` (an arch not in the table: only the
+    constant is checked).  ``what``: the specialization, for the message."""
+    limit = SHARED_MEMORY_PER_BLOCK.get(arch)
+    for kernel, size in sizes.items():
+        if isinstance(size, int) and (limit is None or size <= limit):
+            continue
+        need = f"{size:,} bytes" if isinstance(size, int) else f"{size} bytes (not a constant)"
+        allowed = f"{arch} allows {limit:,}" if limit is not None else f"on {arch or 'cuda'}"
+        raise UnsupportedFeature(
+            f"tvm backend on cuda: kernel {kernel} of {what} needs {need} of shared memory "
+            f"per block, {allowed}.  Its tiles hold [tile, D], [tile, K] and K x (Dv + 1) "
+            f"buffers: a smaller block_n / chunk helps where the tile dominates; a large "
+            f"K x Dv is beyond these schedules (use backend='triton' or 'cupy')")
 
 
 class _nvcc_callback:

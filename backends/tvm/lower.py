@@ -119,7 +119,9 @@ class TVMExecutable(Executable):
                kernel.inputs, kernel.outputs, self.layout, tuple(sorted(self.present)),
                tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())), target,
                self.arch, self.token_dtype, TILED_ON_CPU)
-        self.built = launch.build(key, self._make, target_dict(target, self.arch))
+        what = (f"the {kernel.kind} plan ({', '.join(f'{d}={n}' for d, n in self.dims.items())}, "
+                f"{token} tokens, config {dict(self.config)})")
+        self.built = launch.build(key, self._make, target_dict(target, self.arch), what)
         self.source = self.built.source
 
     # -- code generation ---------------------------------------------------

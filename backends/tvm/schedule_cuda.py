@@ -217,15 +217,22 @@ class _Sched:
         ko, ki = sch.split(k, [None, TM])
         eo, ei = sch.split(e, [None, TN])
         sch.reorder(ko, eo, jt, ji, ki, ei)
-        count = int(sch.get(ko).extent) * int(sch.get(eo).extent)
-        # one thread per accumulator tile (at most 1024; the rest over blockIdx.z).  Not
-        # rounded up to a warp: with count < threads (z of extent 1) TVM 0.27 dropped the
-        # predicate of the accumulators' write-back (tx < count and the last column tile
-        # past Dv + 1), so idle threads stored garbage over other threads' S_seg (seen on
-        # an H200 at K = 4, Dv = 8: bidirectional y off by 80%)
-        self.threads = min(count, 1024)
-        z, tx = sch.split(sch.fuse(ko, eo), [None, self.threads])
-        sch.bind(z, "blockIdx.z")
+        k_tiles, e_tiles = int(sch.get(ko).extent), int(sch.get(eo).extent)
+        # one thread per accumulator tile.  Not rounded up to a warp: with fewer tiles
+        # than threads TVM 0.27 dropped the predicate of the accumulators' write-back
+        # (tx < count and the last column tile past Dv + 1), so idle threads stored
+        # garbage over other threads' S_seg (seen on an H200 at K = 4, Dv = 8:
+        # bidirectional y off by 80%).  Past 1024 tiles, whole rows of k tiles go to
+        # blockIdx.z, as many per block as divide the k tiles (no padded block): a
+        # split of the fused (k, e) tiles instead left TVM a k range per block it could
+        # not bound, and at K = Dv = 256 the block's r stage took 26 MB of shared memory
+        per_block = max(d for d in range(1, k_tiles + 1)
+                        if k_tiles % d == 0 and d * e_tiles <= 1024) if e_tiles <= 1024 else 1
+        kz, kin = sch.split(ko, [None, per_block])
+        sch.reorder(kz, kin, eo)
+        sch.bind(kz, "blockIdx.z")
+        self.threads = per_block * e_tiles
+        tx = sch.fuse(kin, eo)
         sch.bind(tx, "threadIdx.x")
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)

@@ -179,7 +179,8 @@ def test_global_scratch_is_small():
             assert "((N + 63) // 64 + 63) // 64, 64, 65))" in seg, seg
 
 
-@pytest.mark.parametrize("D,Dv,K", [(16, 8, 4), (16, 8, 7), (8, 5, 1), (96, 100, 48)])
+@pytest.mark.parametrize("D,Dv,K", [(16, 8, 4), (16, 8, 7), (8, 5, 1), (96, 100, 48),
+                                    (256, 256, 256)])
 def test_write_back_of_segment_partials_is_guarded(D, Dv, K):
     """The write kernel's accumulator tiles (4 x 4 of K x (Dv + 1)) past K or Dv + 1
     must not be stored: S_seg rows are Dv + 1 long, so an unguarded store of the
@@ -198,7 +199,52 @@ def test_write_back_of_segment_partials_is_guarded(D, Dv, K):
         guard = lines[i - 1].strip()
         assert guard.startswith("if (") and "threadIdx.x" in guard, (guard, lines[i])
     (threads, _), = [v for k, v in _kernels(src).items() if "S_seg" in v[1] and "k" in v[1]]
-    assert threads == -(-K // 4) * -(-(Dv + 1) // 4)
+    k_tiles, e_tiles = -(-K // 4), -(-(Dv + 1) // 4)
+    if k_tiles * e_tiles <= 1024:
+        assert threads == k_tiles * e_tiles
+    else:  # K = Dv = 256: 8 of the 64 rows of k tiles per block (520 threads), 8 blocks
+        assert (k_tiles, e_tiles, threads) == (64, 65, 8 * 65)
+
+
+@pytest.mark.parametrize("causal,dims,arch,fits", [
+    (False, 256, "sm_90", True), (False, 256, "sm_80", False),
+    (True, 128, "sm_90", True), (True, 128, "sm_80", False), (True, 256, "sm_90", False)])
+def test_shared_memory_is_checked_before_anything_runs(causal, dims, arch, fits, tmp_path):
+    """Each cuda kernel's merged dynamic shared memory is read from TVM's lowering and
+    compared with what a block may have on the arch: a specialization that could
+    never launch is refused at build time, naming the kernel, the bytes, the limit
+    and the config (the causal y kernel keeps S_in, K x (Dv + 1) floats, in shared
+    memory: 527,872 bytes at K = Dv = 256).  Before, the bidirectional write kernel
+    asked for 46.9 MB at K = Dv = 256 (a k range per block TVM could not bound)."""
+    from gmagen.backends.tvm import launch
+    from gmagen.errors import UnsupportedFeature
+
+    kern = gmagen.compile(gmagen.gma(causal), backend="tvm",
+                          target={"kind": "cuda", "arch": arch})
+    spec = {"D": dims, "Dv": dims, "K": dims, "dtype": "bf16"}
+    if fits:
+        export_kernel(kern, str(tmp_path / "lib"), spec)
+        return
+    with pytest.raises(UnsupportedFeature) as err:
+        export_kernel(kern, str(tmp_path / "lib"), spec)
+    message = str(err.value)
+    limit = launch.SHARED_MEMORY_PER_BLOCK[arch]
+    assert f"{arch} allows {limit:,}" in message and "bytes of shared memory" in message
+    assert f"D={dims}, Dv={dims}, K={dims}" in message and "'chunk': 64" in message
+    needed = int(re.search(r"needs ([0-9,]+) bytes", message).group(1).replace(",", ""))
+    assert limit < needed < 600_000
+
+
+def test_shared_memory_check_refuses_sizes_that_are_not_constants():
+    from gmagen.backends.tvm import launch
+    from gmagen.errors import UnsupportedFeature
+
+    launch.check_shared_memory({"main_kernel": 1024}, "sm_90", "x")      # fits
+    launch.check_shared_memory({"main_kernel": 10**6}, "sm_999", "x")   # arch not in the table
+    with pytest.raises(UnsupportedFeature, match="not a constant"):
+        launch.check_shared_memory({"main_kernel_2": "N * 4"}, "sm_90", "the write plan")
+    with pytest.raises(UnsupportedFeature, match="232,449 bytes.*sm_90 allows 232,448"):
+        launch.check_shared_memory({"main_kernel_2": 232449}, "sm_90", "the write plan")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

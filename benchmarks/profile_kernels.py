@@ -50,15 +50,25 @@ def profile_calls(fn, sets: list) -> dict[str, dict[str, float]]:
         for i in range(CALLS):
             fn(*sets[i % len(sets)])
         torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    total = defaultdict(int)
+    for evt in events:
+        total[evt.name] += 1
+    seen: dict[str, int] = defaultdict(int)
     per: dict[str, dict[str, float]] = defaultdict(lambda: {"launches": 0.0, "us": 0.0})
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    for evt in events:
+        # a name launched several times per call (TVM names the kernels of each module
+        # main_kernel, main_kernel_1, ...: the write and read modules' both have a
+        # main_kernel_3) gets one row per launch position within the call
+        per_call = max(1, total[evt.name] // CALLS)
+        name = evt.name if per_call == 1 else f"{evt.name} [{seen[evt.name] % per_call}]"
+        seen[evt.name] += 1
         # torch >= 2.x names the device time device_time (older: cuda_time)
         us = getattr(evt, "device_time", None)
         if us is None:
             us = evt.cuda_time
-        row = per[evt.name]
+        row = per[name]
         row["launches"] += 1.0 / CALLS
         row["us"] += us / CALLS
     return dict(per)

@@ -16,6 +16,8 @@ from gmagen.ir.verify import verify
 
 log = logging.getLogger("gmagen")
 
+_BINDINGS_KEPT = 64  # call signatures remembered per kernel (Kernel._bind)
+
 
 class Kernel:
     """``kernel(q, k, v, mean, log_var, logit, key_mask=None, initial_state=None,
@@ -37,6 +39,7 @@ class Kernel:
         self.options = dict(options)
         self._types = verify(program)
         self._compiled: dict[tuple, list[Executable]] = {}
+        self._bindings: dict[tuple, tuple[checks.Binding, tuple]] = {}
         self._last: Optional[list[Executable]] = None
 
     # -- introspection -----------------------------------------------------
@@ -82,10 +85,8 @@ class Kernel:
     def __call__(self, *args: Any, return_state: bool = False, layout: Optional[str] = None,
                  **kwargs: Any) -> Any:
         named = self._collect(args, kwargs)
+        binding, key = self._bind(named, layout or self.program.layout)
         be = self._backend
-        binding = checks.bind(self.program, named, layout or self.program.layout,
-                              be.dtypes, be.devices, be.name)
-        key = binding.key + self._tuning_buckets(binding)
         exes = self._compiled.get(key)
         if exes is None:
             exes = self._lower(binding)
@@ -108,6 +109,23 @@ class Kernel:
                 raise FrameworkError(f"program {self.program.name} has no state to return")
             return result, self._export(env[self.program.state], self.program.state, binding)
         return result
+
+    def _bind(self, named: dict[str, Any], layout: str) -> tuple[checks.Binding, tuple]:
+        """The call's Binding and specialization key; calls with the signature of an
+        earlier one (checks.signature: dtypes, shapes, strides, devices) reuse its."""
+        sig = checks.signature(self.program, named)
+        if sig is not None:
+            hit = self._bindings.get((layout, sig))
+            if hit is not None:
+                return hit
+        be = self._backend
+        binding = checks.bind(self.program, named, layout, be.dtypes, be.devices, be.name)
+        bound = (binding, binding.key + self._tuning_buckets(binding))
+        if sig is not None:
+            if len(self._bindings) >= _BINDINGS_KEPT:  # shapes that keep changing
+                self._bindings.clear()
+            self._bindings[(layout, sig)] = bound
+        return bound
 
     def _export(self, value: Any, name: str, binding: checks.Binding) -> Any:
         t = self._types[name]

@@ -126,6 +126,7 @@ class TritonExecutable(Executable):
         self.mask = getattr(main, "key_mask", None) in binding.present
         self.init = getattr(main, "initial_state", None) in binding.present
         self._modules: dict[tuple, Any] = {}
+        self._variants: dict[tuple, Variant] = {}
         self._source_dims: tuple = ()
         dims = binding.dims
         if all(d in dims for d in ("D", "Dv", "K")):
@@ -134,6 +135,13 @@ class TritonExecutable(Executable):
 
     # -- code generation -------------------------------------------------
     def _variant(self, kind: str, D: int, Dv: int, K: int) -> Variant:
+        # every launch asks (host time per call): built once per kind and sizes
+        key = (kind, D, Dv, K)
+        if key not in self._variants:
+            self._variants[key] = self._make_variant(kind, D, Dv, K)
+        return self._variants[key]
+
+    def _make_variant(self, kind: str, D: int, Dv: int, K: int) -> Variant:
         cfg = self.config
         shape = Shape(D, Dv, K, cfg.get("block_d", space.pow2_at_least(D)),
                       cfg.get("block_dv", space.pow2_at_least(Dv)), space.pow2_at_least(K))

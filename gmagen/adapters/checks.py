@@ -206,6 +206,40 @@ def bind(program: Program, args: Mapping[str, Any], layout: str,
                    frozenset(present), key)
 
 
+def signature(program: Program, args: Mapping[str, Any]) -> Optional[tuple]:
+    """Everything ``bind``'s result depends on, for torch tensors and NumPy arrays:
+    per argument its type, dtype, shape, strides and device (a CPU tensor's pinned
+    state too: DLPack names that device cuda_host).  A call whose signature was
+    bound before gets that Binding back without checking again (a decode step
+    spends ~40% of its host time in ``bind``); a new one goes through ``bind``, so
+    a bad argument still gets its error.  None where the values matter (packed
+    sequences: cu_seqlens on the CPU is read) or another framework is involved:
+    always ``bind``."""
+    sig: list = []
+    for inp in program.inputs:
+        value = args.get(inp.name)
+        if value is None:
+            sig.append(None)
+            continue
+        if inp.role == "seqlens":
+            return None
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        sig.append(len(parts) if isinstance(value, (tuple, list)) else -1)
+        for x in parts:
+            kind = type(x)
+            if kind is np.ndarray:
+                sig.append((kind, x.dtype, x.shape, x.strides))
+            elif framework_of(x) == "torch":
+                device = x.device
+                sig.append((kind, x.dtype, x.shape, x.stride(), device,
+                            device.type == "cpu" and x.is_pinned()))
+            else:
+                return None
+    if not set(args) <= set(program.input_names):
+        return None  # a name the program does not take: bind says so
+    return tuple(sig)
+
+
 def _check_seqlens(program: Program, args: Mapping[str, Any], binder: _Binder) -> None:
     for inp in program.inputs:
         if inp.role != "seqlens" or args.get(inp.name) is None:

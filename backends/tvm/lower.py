@@ -74,7 +74,7 @@ def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: 
     import tvm
 
     _, mod, _ = scheduled_module(kernel, layout, dims, present,
-                                 space.validate(config, "cuda"), "cuda",
+                                 space.validate(config, "cuda", kernel.kind), "cuda",
                                  token_dtype)
     lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)))
     return lib_cuda_source(lib)
@@ -107,7 +107,7 @@ class TVMExecutable(Executable):
                              f"pass float32 arrays")
         self.kernel = kernel
         self.layout = binding.layout
-        self.config = space.validate(config, target)
+        self.config = space.validate(config, target, kernel.kind)
         self.target = target
         self.arch = arch if target == "cuda" else ""
         self.token_dtype = NUMPY_NAMES[token]

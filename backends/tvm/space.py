@@ -39,8 +39,16 @@ def default_config(kind: str, target: str = "llvm") -> Config:
     return CUDA_DEFAULTS if target == "cuda" else DEFAULTS
 
 
-def validate(config: Config, target: str = "llvm") -> Config:
-    """The config with defaults filled in; OptionError naming a bad knob."""
+# cuda: the tile of a plan kind must hold at least 2 tokens (TVM 0.27 fails to
+# lower a one-token tile: "Check failed: it != scope.buffer_binding..."); the scan
+# tiles by its chunk, the other plans by block_n
+_CUDA_TILE_KNOB = {"scan": "chunk", "read": "block_n", "write": "block_n",
+                   "responsibility": "block_n"}
+
+
+def validate(config: Config, target: str = "llvm", kind: str = "") -> Config:
+    """The config with defaults filled in; OptionError naming a bad knob (``kind``:
+    the plan kind, for the checks that depend on it)."""
     unknown = sorted(set(config) - set(KNOBS))
     if unknown:
         valid = "; ".join(f"{k}: {why}" for k, why in KNOBS.items())
@@ -53,4 +61,9 @@ def validate(config: Config, target: str = "llvm") -> Config:
                 or (key == "num_threads" and value > 1024)):
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")
+    tile = _CUDA_TILE_KNOB.get(kind) if target == "cuda" else None
+    if tile is not None and full[tile] < 2:
+        raise OptionError(f"tvm backend: config knob {tile}={full[tile]!r} is not allowed on "
+                          f"cuda for the {kind} plan; expected at least 2 (tokens per tile); "
+                          f"default {CUDA_DEFAULTS[tile]}")
     return full

@@ -85,6 +85,20 @@ def test_compile_cuda_target_without_gpu():
                        config={"num_threads": 2048}).source
 
 
+@pytest.mark.parametrize("causal,knob", [(False, "block_n"), (True, "chunk")])
+def test_one_token_tiles_are_refused_before_tvm_sees_them(causal, knob):
+    """TVM 0.27 cannot lower a one-token tile on cuda (an internal check failure);
+    the config check says which knob of which plan instead.  The other knob is not
+    that plan's tile and stays free (llvm takes one-token tiles)."""
+    program = gmagen.gma(causal, "row", "diag")
+    with pytest.raises(OptionError, match=f"{knob}=1 .*cuda.*at least 2"):
+        gmagen.compile(program, backend="tvm", target=SM90, config={knob: 1}).source
+    other = "chunk" if knob == "block_n" else "block_n"
+    assert "__global__" in gmagen.compile(program, backend="tvm", target=SM90,
+                                          config={other: 1}).source
+    assert gmagen.compile(program, backend="tvm", target="llvm", config={knob: 1}).source
+
+
 def _elf_sm(image: bytes) -> int:
     """The SM version in a cubin's ELF header (e_flags: bits 8..15 from ELF ABI
     version 8 on, the low byte before)."""

@@ -10,6 +10,7 @@ CuPy arrays or torch tensors (whichever framework the executable was handed).
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
@@ -90,27 +91,39 @@ def empty(like: Any, shape: tuple, dtype: str | None = None) -> Any:
                                     "f64": cupy.float64}[dtype])  # bf16: only via like
 
 
-def _convert(decl: str, value: Any) -> Any:
-    if "*" in decl:
-        return np.uint64(value if isinstance(value, (int, np.integer)) else data_ptr(value))
-    if decl.startswith("long long"):
-        return np.int64(value)
-    if decl.startswith("int"):
-        return np.int32(value)
-    if decl.startswith("float"):
-        return np.float32(value)
-    raise TypeError(f"cupy launch: no conversion for parameter {decl!r}")
+def _pointer(value: Any) -> np.uint64:
+    return np.uint64(value if isinstance(value, (int, np.integer)) else data_ptr(value))
+
+
+@lru_cache(maxsize=None)
+def _parameters(params: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    """(name, converter) per declared parameter, in order: parsed once per kernel
+    signature, not on every launch (a call launches up to five kernels of ~20
+    parameters; the host time of an eager call is what small N pays)."""
+    out = []
+    for decl in params:
+        if "*" in decl:
+            convert: Any = _pointer
+        elif decl.startswith("long long"):
+            convert = np.int64
+        elif decl.startswith("int"):
+            convert = np.int32
+        elif decl.startswith("float"):
+            convert = np.float32
+        else:
+            raise TypeError(f"cupy launch: no conversion for parameter {decl!r}")
+        out.append((decl.split()[-1], convert))
+    return tuple(out)
 
 
 def launch(fn: Any, emitted: Emitted, grid: tuple[int, int, int], args: Mapping[str, Any],
            stream: Any, device: int) -> None:
     """Launch ``fn`` with the arguments named by ``emitted.params``."""
     ordered = []
-    for decl in emitted.params:
-        name = decl.split()[-1]
+    for name, convert in _parameters(emitted.params):
         if name not in args:
             raise TypeError(f"cupy launch of {emitted.name}: no value for parameter {name!r}")
-        ordered.append(_convert(decl, args[name]))
+        ordered.append(convert(args[name]))
     for axis, (n, limit) in enumerate(zip(grid, (2 ** 31 - 1, 65535, 65535))):
         if not 1 <= n <= limit:
             from gmagen.errors import UnsupportedFeature

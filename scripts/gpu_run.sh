@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp|profile|host]   (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|tune|tuned|cp|profile|host|ncu]   (OUT defaults to ./gpu_out)
 #
 # The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
 # machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
@@ -99,6 +99,24 @@ if [[ "$mode" == host ]]; then
   # functions it goes to (HOST_ARGS: --n ..., --sort cumulative)
   timeout "${HOST_TIMEOUT:-200}" $PY benchmarks/profile_host.py --out "$OUT/host.json" \
       ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | tail -150
+fi
+if [[ "$mode" == ncu ]]; then
+  # Nsight Compute on the kernels of one impl (NCU_IMPL, NCU_CAUSAL=1; ncu replays each
+  # launch with caches flushed, so the first call's launches serve),
+  # the sections that say what bounds a kernel; CSV in $OUT/ncu.csv
+  NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+  if [[ -z "$NCU" ]]; then
+    echo "ncu not found on this machine" | tee "$OUT/ncu.log"
+  else
+    timeout "${NCU_TIMEOUT:-300}" "$NCU" --csv --page details -k "regex:${NCU_KERNELS:-gma_|main_kernel}" \
+        --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        $PY benchmarks/ncu_target.py --impl "${NCU_IMPL:-gmagen-cupy}" \
+        ${NCU_CAUSAL:+--causal} --n "${NCU_N:-65536}" "${tvm_bench[@]}" \
+        >"$OUT/ncu.csv" 2>"$OUT/ncu.log"
+    echo "ncu rc=$? ($(wc -l <"$OUT/ncu.csv") lines of CSV)"; tail -5 "$OUT/ncu.log"
+  fi
 fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \

@@ -77,11 +77,14 @@ def _logits(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, logit: t
     backward pass, where the unexpanded form (chunked over D or N or not) saves
     [B, N, H, K, D] differences.  Its float32 rounding error is
     ~eps * sum_d (x_d^2 + |x_d mu_kd| + mu_kd^2) exp(-rho_kd) instead of
-    ~eps * sum_d (x_d - mu_kd)^2 exp(-rho_kd).  Measured against the float64
-    oracle (y, relative Frobenius, B2 N63 H3 Dv5 K4, 400 draws each), it is as
-    accurate as the unexpanded form evaluated in float32 on GMA_SPEC's inputs:
-    sharp variances (rho ~ -8) at D = 8: max 4.8e-5 (unexpanded 1.4e-4), |x| ~ 20
-    at D = 8: 3.3e-5 (2.8e-5); at D = 16 both reach ~1.2e-4 on 0.2% of sharp
+    ~eps * sum_d (x_d - mu_kd)^2 exp(-rho_kd); the coefficients are therefore
+    formed in float64 and centred over k before rounding (as the Triton and CuPy
+    backends do): sharp variances (rho ~ -8) at D = 8, 900 draws of gmagen
+    check's sharp case, max 4.7e-5 (coefficients in float32: 1.03e-4, and 1.24e-4
+    at check seed 1052735681, past the 1e-4 contract).  Earlier measurements
+    against the float64 oracle (y, relative Frobenius, B2 N63 H3 Dv5 K4, 400
+    draws each), float32 coefficients: |x| ~ 20
+    at D = 8: 3.3e-5 (unexpanded: 2.8e-5); at D = 16 both reach ~1.2e-4 on 0.2% of sharp
     draws, and from D = 20 on both miss 1e-4 on a few percent: a float32 limit
     of logits ~1e4 (see tests/backends/triton/conftest.py), not of the form.
     Uncentered, the expansion loses digits when tokens and means sit far from
@@ -94,18 +97,27 @@ def _logits(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, logit: t
     The x*x term is the same for every k under "shared" covariance and is left
     out (it would only cost digits); spherical needs just |x|^2 per token."""
     acc = acc_dtype(x, mean, log_var, logit)
-    x, mean, log_var, logit = (t.to(acc) for t in (x, mean, log_var, logit))
+    # the coefficients ([H, K, D]: cheap) in float64, centred over k and only then
+    # rounded to acc: a term equal for every k cancels in the softmax, and what is
+    # left is of the size of the coefficients' spread over k, not of exp(-rho)
+    # itself (~3e3 for sharp components), so its rounding error is that much smaller
+    wide = torch.float64
+    mean, log_var, logit = (t.to(wide) for t in (mean, log_var, logit))
     # the logits do not depend on the center, so no gradient needs to flow through it
     center = mean.detach().mean(1)                            # [H, D]
-    x, mean = x - center, mean - center[:, None]
+    x, mean = x.to(acc) - center.to(acc), mean - center[:, None]
     rho = _log_var_full(log_var, covariance, mean.shape)     # [H, K, D]
     prec = torch.exp(-rho)                                    # [H, K, D]
+
+    def centred(t: torch.Tensor) -> torch.Tensor:
+        return (t - t.mean(1, keepdim=True)).to(acc)
     c = logit - 0.5 * (mean * mean * prec + rho).sum(-1)     # [H, K]
-    logits = torch.einsum("bnhd,hkd->bnhk", x, mean * prec) + c
+    logits = torch.einsum("bnhd,hkd->bnhk", x, centred(mean * prec)) + centred(c)
     if covariance == "diag":
-        logits = logits + torch.einsum("bnhd,hkd->bnhk", x * x, -0.5 * prec)
+        logits = logits + torch.einsum("bnhd,hkd->bnhk", x * x, centred(-0.5 * prec))
     elif covariance == "spherical":
-        logits = logits + (x * x).sum(-1, keepdim=True) * (-0.5 * torch.exp(-log_var))
+        asq = centred(-0.5 * torch.exp(-log_var))             # [H, K]
+        logits = logits + (x * x).sum(-1, keepdim=True) * asq
     return logits
 
 

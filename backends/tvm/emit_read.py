@@ -42,14 +42,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
 
         def y_of(b, h, i, e):
             return num[b, h, i, e] / (den[b, h, i] + eps)
-    if layout == "bnhd":
-        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bnh", "y in layout bnhd")
-    else:
-        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bhn", "y in layout bhnd")
+    y = g.token_result("y", Dv, lambda b, h, i, e: g.to_token(y_of(b, h, i, e)))
     g.output(op.out, y, g.token_shape(Dv))
     return g
 
@@ -83,13 +76,6 @@ def _emit_tiled(g: Graph, kernel: Any) -> Graph:
         def y_of(b, h, i, e):
             ix = g.ix_of(b, h, i)
             return num[(*ix, e)] / (den[ix] + eps)
-    if g.layout == "bnhd":
-        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bnh", "y in layout bnhd", "out")
-    else:
-        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bhn", "y in layout bhnd", "out")
+    y = g.token_result("y", Dv, lambda b, h, i, e: g.to_token(y_of(b, h, i, e)), "out")
     g.output(op.out, y, g.token_shape(Dv))
     return g

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import te
-
 from .prelude import Graph
 
 
@@ -21,10 +19,6 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llv
 
     def at(b, h, n, k):
         return r[(*g.ix_of(b, h, n), k)]
-    if layout == "bnhd":
-        out = te.compute((g.B, g.N, g.H, K), lambda b, n, h, k: at(b, h, n, k), name="R")
-    else:
-        out = te.compute((g.B, g.H, g.N, K), lambda b, h, n, k: at(b, h, n, k), name="R")
-    g.stage(out, "bnh" if layout == "bnhd" else "bhn", f"R in layout {layout}", "out")
+    out = g.token_result("R", K, at, "out")
     g.output(op.out, out, g.token_shape(K))
     return g

@@ -224,14 +224,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
     else:
         def y_of(b, h, i, e):
             return intra[b, h, i, e] + inter[b, h, i, e]
-    if layout == "bnhd":
-        y = te.compute((B, N, H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bnh", "y in layout bnhd")
-    else:
-        y = te.compute((B, H, N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bhn", "y in layout bhnd")
+    y = g.token_result("y", Dv, lambda b, h, i, e: g.to_token(y_of(b, h, i, e)))
     # the state after the last token
     s_end = te.compute((B, H, K, Dv), lambda b, h, k, e: s_in(b, h, NC - 1, k, e)
                        + ds[b, h, NC - 1, k, e], name="S_final")
@@ -328,14 +321,7 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
         if op.norm == "row":
             return num / (intra[(*ix, Dv)] + inter[(*ix, Dv)] + eps)
         return num
-    if g.layout == "bnhd":
-        y = te.compute((g.B, g.N, g.H, Dv), lambda b, i, h, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bnh", "y in layout bnhd", "out")
-    else:
-        y = te.compute((g.B, g.H, g.N, Dv), lambda b, h, i, e: g.to_token(y_of(b, h, i, e)),
-                       name="y")
-        g.stage(y, "bhn", "y in layout bhnd", "out")
+    y = g.token_result("y", Dv, lambda b, h, i, e: g.to_token(y_of(b, h, i, e)), "out")
     g.group = ""
     g.output(op.out, y, g.token_shape(Dv))
     g.output(op.state_out, s_end, ("B", "H", K, Dv), "S")

@@ -136,6 +136,18 @@ class Graph:
         and a cast kernel after it)."""
         return value if self.token_dtype == F32 else value.astype(self.token_dtype)
 
+    def token_result(self, name: str, width: int, value: Any, role: str = "") -> Any:
+        """The staged result ``name`` [B, N, H, width] or [B, H, N, width] in the call's
+        layout, element (b, h, n, x) = value(b, h, n, x); loops "bnh" or "bhn"."""
+        if self.layout == "bnhd":
+            out = te.compute((self.B, self.N, self.H, width),
+                             lambda b, n, h, x: value(b, h, n, x), name=name)
+        else:
+            out = te.compute((self.B, self.H, self.N, width),
+                             lambda b, h, n, x: value(b, h, n, x), name=name)
+        loops = "bnh" if self.layout == "bnhd" else "bhn"
+        return self.stage(out, loops, f"{name} in layout {self.layout}", role)
+
     def stage(self, tensor: Any, loops: str, note: str = "", role: str = "",
               cache: tuple = ()) -> Any:
         import tvm

@@ -46,114 +46,73 @@ def _ein(spec: str, *operands: jax.Array) -> jax.Array:
 
 
 # -- responsibility ---------------------------------------------------------------
-# Which form of the logits.  Measured: float32 vs the float64 oracle, relative
-# Frobenius error of bidirectional row-norm y, B=2 N=63 H=3 K=8 Dv=5, 200 draws
-# per row; "fail" = share of draws past the 1e-4 tolerance.  sharp: log_var ~
-# N(-8, 0.1); large: q and k scaled by 20.
+# The logits in the expanded form, centred over k:
 #
-#   case, D      expanded matmul form     (x - mu)^2, this code    (x - mu)^2, jnp.sum
-#   plain, 64    max 2.5e-6               max 1.2e-6               max 1.3e-6
-#   sharp, 16    max 1.8e-4, fail 2%      max 1.6e-4, fail 1%      max 1.1e-4, fail 1%
-#   sharp, 32    max 3.4e-4, fail 5%      max 2.6e-4, fail 2%      max 2.0e-4, fail 2%
-#   sharp, 64    max 8.5e-4, fail 14%     max 2.1e-4, fail 4%      max 2.9e-4, fail 6%
-#   large, 32    max 1.6e-4, fail 3%      max 9.9e-5, fail 0%      max 7.6e-5, fail 0%
-#   large, 64    max 3.4e-4, fail 38%     max 2.9e-4, fail 2%      max 1.2e-4, fail 2%
-#   large, 100   max 5.4e-4, fail 76%     max 4.2e-4, fail 16%     max 3.2e-4, fail 14%
+#   l_k(x) = x^2 . A_k + x . B_k + c_k,  A_k = -1/2 prec_k,  B_k = prec_k mu_k,
+#   c_k = alpha_k - 1/2 sum_d (mu_kd^2 prec_kd + rho_kd),
 #
-# (Another 200 draws: at D = 8 every form stayed below 1e-4, sharp reaching 9.3e-5.)
-# The expanded form (x*x) @ A^T + x @ Bm^T + c rounds relative to |x|^2 + |mu|^2
-# rather than to the distance to the nearest component, which decides near
-# one-hot responsibilities, and sums D terms in one dot; it fails 1e-4 from
-# D = 32 on "large" and 14-38% of draws at D = 64, so the logits use the
-# unexpanded form.  No float32 form holds 1e-4 on "sharp" beyond D ~ 8-16:
-# near ties between components are resolved only to ~1e-3 there.
+# with every term that is the same for all k left out (it cancels in the softmax):
+# x and the means are taken relative to the means' centre over k, and the
+# precisions relative to P_d = exp(-mean_k rho_kd) through
+# prec_kd - P_d = P_d expm1(mean_k rho_kd - rho_kd), whose difference of
+# log-variances is exact in float32 and whose expm1 keeps full relative precision.
+# A_k is then of the size of the precisions' spread over k, not of exp(-rho) (~3e3
+# for GMA_SPEC's sharp components), so what float32 rounds is that much smaller:
+# the float64-coefficient route of the torch, Triton and CuPy backends, in float32
+# alone (JAX has no float64 without x64).  The centre and P_d are constants to
+# autodiff (the softmax does not depend on them).
 #
-# How the unexpanded form is written: one [..., H, K] term per d, UNROLL_D
-# terms unrolled and added pairwise, blocks of UNROLL_D accumulated by a
-# fori_loop.  B*N*H*K*D never exists; temp memory is one [B, N, H, K] buffer.
-# Rejected: jnp.sum over a [..., H, K, D] broadcast (XLA fuses it into a
-# reduction, but on the CPU it ran 8x slower: 5.0 s vs 0.6 s at B=4 N=4096 H=16
-# K=D=64, and an H100 with jax 0.11.2 reported a "very slow compile" of that
-# reduction fusion at B=4 N=16384 H=16 D=K=64); and all of D unrolled (inside
-# the softmax XLA split it into one fusion per term: 2.8 GB of temp memory at
-# that CPU shape).  The custom JVP writes the derivative as matmuls over D, so
-# jax.grad keeps no [..., H, K, D] residual either (broadcast form under autodiff:
-# 810 MB of temp memory at B=1 N=4096 H=4 K=D=64; this: 25 MB).
-
-UNROLL_D = 16  # dims of D per unrolled block of the logits loop
-
-
-def _sq_block(x: jax.Array, mean: jax.Array, prec: jax.Array) -> jax.Array:
-    """sum_d prec_kd (x_d - mu_kd)^2 over x's last dim, one [..., H, K] term per d
-    (unrolled), added pairwise: the rounding error grows with log2(D), not D."""
-    terms = []
-    for d in range(x.shape[-1]):
-        diff = x[..., d, None] - mean[:, :, d]  # [..., H, K]
-        terms.append(diff * diff * prec[:, :, d])
-    while len(terms) > 1:
-        terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) // 2 * 2:]
-    return terms[0]
+# Measured: float32 vs the float64 oracle, relative error of causal row-norm y
+# with a key mask (gmagen check's cases: B=2 N=63 H=3 K=4 Dv=5), "fail" = share of
+# draws past the 1e-4 tolerance; sharp: log_var ~ N(-8, 0.1), large: q and k x 20.
+#
+#   case, D, draws          this form                 (x - mu)^2 prec, float32 (before)
+#   sharp diag, 8, 600      max 4.2e-5                max 9.8e-5 (gmagen check: 1.14e-4)
+#   sharp spherical, 8, 300 max 2.0e-5                max 1.0e-4, fail 0.3%
+#   sharp diag, 16, 300     max 3.0e-5                max 1.4e-4, fail 0.7%
+#   sharp diag, 32, 200     max 7.1e-5                max 2.1e-4, fail 1%
+#   sharp diag, 64, 200     max 1.4e-4, fail 2.5%     max 4.2e-4, fail 3.5%
+#   large diag, 64, 200     max 9.7e-6                max 1.3e-4, fail 1%
+#   plain diag, 64, 100     max 3.6e-7                max 9.5e-7
+#
+# Sharp components at D = 64 still miss 1e-4 on a few draws: logits ~1e4 in
+# float32, the limit every float32 backend shares.  The two contractions over D
+# are matmuls, so neither the forward pass nor autodiff ever forms
+# [..., H, K, D] (the unexpanded form needs a loop over D for that).
 
 
-@jax.custom_jvp
-def _neg_half_sq(x: jax.Array, mean: jax.Array, prec: jax.Array) -> jax.Array:
-    """-1/2 sum_d prec_kd (x_d - mu_kd)^2: x [..., H, D], mean/prec [H, K, D] -> [..., H, K].
-
-    Up to UNROLL_D dims one elementwise fusion; past that a fori_loop over
-    blocks of UNROLL_D dims (zero-padded: prec = 0 adds nothing)."""
-    d = x.shape[-1]
-    if d <= UNROLL_D:
-        return -0.5 * _sq_block(x, mean, prec)
-    pad = -d % UNROLL_D
-
-    def padded(a: jax.Array) -> jax.Array:
-        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-
-    x, mean, prec = padded(x), padded(mean), padded(prec)
-
-    def block(i: jax.Array, acc: jax.Array) -> jax.Array:
-        def cut(a: jax.Array) -> jax.Array:
-            return lax.dynamic_slice_in_dim(a, i * UNROLL_D, UNROLL_D, axis=-1)
-        return acc + _sq_block(cut(x), cut(mean), cut(prec))
-
-    acc = jnp.zeros(x.shape[:-1] + mean.shape[1:2], x.dtype)
-    return -0.5 * lax.fori_loop(0, (d + pad) // UNROLL_D, block, acc)
-
-
-@_neg_half_sq.defjvp
-def _neg_half_sq_jvp(primals: tuple, tangents: tuple) -> tuple:
-    """d = -sum_d [prec (x - mu)(dx - dmu) + 1/2 (x - mu)^2 dprec], expanded into
-    matmuls over D (linear in the tangents, so it transposes without residuals
-    of size [..., H, K, D])."""
-    x, mean, prec = primals
-    dx, dmean, dprec = tangents
-    mp = mean * prec
-    t = (_ein("...hd,hkd->...hk", x * dx, prec) - _ein("...hd,hkd->...hk", dx, mp)
-         - _ein("...hd,hkd->...hk", x, prec * dmean) + jnp.sum(mp * dmean, axis=-1)
-         + 0.5 * _ein("...hd,hkd->...hk", x * x, dprec)
-         - _ein("...hd,hkd->...hk", x, mean * dprec)
-         + 0.5 * jnp.sum(mean * mean * dprec, axis=-1))
-    return _neg_half_sq(x, mean, prec), -t
-
-
-def _log_var_full(log_var: jax.Array, covariance: str, shape_hkd: tuple) -> jax.Array:
-    """rho broadcast to [H, K, D] (spherical: over d; shared: over k and d)."""
-    if covariance == "diag":
-        return log_var
-    if covariance == "spherical":
-        return jnp.broadcast_to(log_var[:, :, None], shape_hkd)
-    if covariance == "shared":
-        return jnp.broadcast_to(log_var[:, None, None], shape_hkd)
-    raise ValueError(f"covariance={covariance!r}, expected one of {_ops.COVARIANCES}")
+def _precision_offset(log_var: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """(P, E): exp(-rho) = P (1 + E), P = exp(-mean over ``axis`` of rho) the same
+    for every k, E = expm1(mean rho - rho) exact to float32's relative precision."""
+    centre = lax.stop_gradient(jnp.mean(log_var, axis=axis, keepdims=True))
+    return jnp.exp(-centre), jnp.expm1(centre - log_var)
 
 
 def responsibility_logits(x: jax.Array, mean: jax.Array, log_var: jax.Array,
                           logit: jax.Array, covariance: str = "diag") -> jax.Array:
-    """l_k(x) = alpha_k - 1/2 sum_d [(x_d - mu_kd)^2 exp(-rho_kd) + rho_kd]; [B, N, H, K]."""
+    """l_k(x) = alpha_k - 1/2 sum_d [(x_d - mu_kd)^2 exp(-rho_kd) + rho_kd] up to a
+    term that is the same for every k (the softmax over k drops it); [B, N, H, K]."""
     acc = acc_dtype(x, mean, log_var, logit)
     x, mean, log_var, logit = (a.astype(acc) for a in (x, mean, log_var, logit))
-    rho = _log_var_full(log_var, covariance, mean.shape)
-    return logit - 0.5 * jnp.sum(rho, axis=-1) + _neg_half_sq(x, mean, jnp.exp(-rho))
+    centre = lax.stop_gradient(jnp.mean(mean, axis=1))       # [H, D]
+    x, mean = x - centre, mean - centre[:, None]
+    if covariance == "diag":
+        p, e = _precision_offset(log_var, 1)                 # [H, 1, D], [H, K, D]
+        prec = p + p * e
+        logits = _ein("...hd,hkd->...hk", x * x, -0.5 * p * e)
+        rho = jnp.sum(log_var, axis=-1)
+    elif covariance == "spherical":
+        p, e = _precision_offset(log_var, 1)                 # [H, 1], [H, K]
+        prec = jnp.broadcast_to((p + p * e)[:, :, None], mean.shape)
+        logits = jnp.sum(x * x, axis=-1, keepdims=True) * (-0.5 * p * e)
+        rho = log_var * mean.shape[-1]
+    elif covariance == "shared":  # one precision for every k: the x^2 term cancels
+        prec = jnp.broadcast_to(jnp.exp(-log_var)[:, None, None], mean.shape)
+        logits, rho = jnp.zeros((), acc), jnp.zeros((), acc)
+    else:
+        raise ValueError(f"covariance={covariance!r}, expected one of {_ops.COVARIANCES}")
+    c = logit - 0.5 * (jnp.sum(mean * mean * prec, axis=-1) + rho)
+    return logits + _ein("...hd,hkd->...hk", x, mean * prec) + c
 
 
 def responsibility(x: jax.Array, mean: jax.Array, log_var: jax.Array, logit: jax.Array,

@@ -103,15 +103,17 @@ fi
 if [[ "$mode" == ncu ]]; then
   # Nsight Compute on the kernels of one impl (NCU_IMPL, NCU_CAUSAL=1; ncu replays each
   # launch with caches flushed, so the first call's launches serve),
-  # the sections that say what bounds a kernel; CSV in $OUT/ncu.csv
+  # the sections that say what bounds a kernel (NCU_SECTIONS), and why warps stall;
+  # CSV in $OUT/ncu.csv
   NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
   if [[ -z "$NCU" ]]; then
     echo "ncu not found on this machine" | tee "$OUT/ncu.log"
   else
     timeout "${NCU_TIMEOUT:-300}" "$NCU" --csv --page details -k "regex:${NCU_KERNELS:-gma_|main_kernel}" \
         --launch-skip "${NCU_SKIP:-0}" --launch-count "${NCU_COUNT:-12}" \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        $(for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats MemoryWorkloadAnalysis \
+            ComputeWorkloadAnalysis WarpStateStats SchedulerStats InstructionStats}; do
+            echo --section "$sec"; done) \
         $PY benchmarks/ncu_target.py --impl "${NCU_IMPL:-gmagen-cupy}" \
         ${NCU_CAUSAL:+--causal} --n "${NCU_N:-65536}" "${tvm_bench[@]}" \
         >"$OUT/ncu.csv" 2>"$OUT/ncu.log"

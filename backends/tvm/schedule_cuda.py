@@ -176,8 +176,8 @@ class _Sched:
 
     # -- anchors ---------------------------------------------------------------------------
     def token_output(self, name: str, loops_kind: str) -> Any:
-        """y / R [B, N, H, X] or [B, H, N, X]: (b, h) over blockIdx.y, token tiles over
-        blockIdx.x, (token, x) over the threads; returns the tile loop."""
+        """y / R [B, N, H, X] or [B, H, N, X]: b over blockIdx.z, h over blockIdx.y, token
+        tiles over blockIdx.x, (token, x) over the threads; returns the tile loop."""
         sch = self.sch
         block = sch.get_sblock(name)
         loops = sch.get_loops(block)
@@ -185,7 +185,13 @@ class _Sched:
             sch.reorder(loops[2], loops[1])
             loops = sch.get_loops(block)
         b, h, n = loops[:3]
-        sch.bind(sch.fuse(b, h), "blockIdx.y")
+        # b and h on blockIdx.z and .y of their own, not fused on one axis: every index
+        # of a fused axis needs blockIdx.y / H and % H (H symbolic), and nvcc cannot hoist
+        # a division by a runtime value out of the guarded statements that use it (it
+        # may trap), so each guarded load and store paid for one (ncu on the H200: the
+        # write kernel executed ~2.5x the warp instructions of its arithmetic)
+        sch.bind(b, "blockIdx.z")
+        sch.bind(h, "blockIdx.y")
         nt, ni = sch.split(n, [None, self.g.tile])
         sch.bind(nt, "blockIdx.x")
         rest = list(loops[3:])
@@ -206,13 +212,14 @@ class _Sched:
         return nt
 
     def segment_output(self, name: str) -> Any:
-        """S_part [B, H, NSEG, K, Dv + 1] reduced over (tile, token): (b, h) over
+        """S_part [B, H, NSEG, K, Dv + 1] reduced over (tile, token): h over
         blockIdx.y, segments over blockIdx.x, TM x TN accumulator tiles of (k, e)
-        over threads (and blockIdx.z past 1024); returns the tile loop."""
+        over threads, b (with the k rows past 1024 threads) over blockIdx.z; returns
+        the tile loop."""
         sch = self.sch
         block = sch.get_sblock(name)
         b, h, s, k, e, jt, ji = sch.get_loops(block)
-        sch.bind(sch.fuse(b, h), "blockIdx.y")
+        sch.bind(h, "blockIdx.y")  # b with the k splits on blockIdx.z (token_output: why)
         sch.bind(s, "blockIdx.x")
         ko, ki = sch.split(k, [None, TM])
         eo, ei = sch.split(e, [None, TN])
@@ -229,8 +236,9 @@ class _Sched:
         per_block = max(d for d in range(1, k_tiles + 1)
                         if k_tiles % d == 0 and d * e_tiles <= 1024) if e_tiles <= 1024 else 1
         kz, kin = sch.split(ko, [None, per_block])
-        sch.reorder(kz, kin, eo)
-        sch.bind(kz, "blockIdx.z")
+        sch.reorder(b, kz, h, s, kin, eo)
+        # (b, kz): a division by the constant extent of kz only
+        sch.bind(sch.fuse(b, kz), "blockIdx.z")
         self.threads = per_block * e_tiles
         tx = sch.fuse(kin, eo)
         sch.bind(tx, "threadIdx.x")

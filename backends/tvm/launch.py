@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from gmagen.errors import CompileError, UnsupportedFeature
 
-from . import cubin
+from . import cubin, pipeline
 from .runtime import Step
 
 log = logging.getLogger("gmagen")
@@ -96,7 +96,9 @@ def build(key: tuple, make: Callable[[], tuple[Any, str, Step, Callable]], targe
         try:
             with _nvcc_callback(arch), tvm.transform.PassContext(
                     instruments=[shared] if shared is not None else []):
-                lib = tvm.compile(mod, target=tvm.target.Target(target))
+                lib = tvm.compile(mod, target=tvm.target.Target(target),
+                                  **({"tir_pipeline": pipeline.register()}
+                                     if target["kind"] == "cuda" else {}))
         except Exception as exc:  # TVM raises its own error types from C++
             raise CompileError(f"tvm backend: tvm.compile failed for {name} (target "
                                f"{target}): {exc}\n--- TensorIR ---\n{mod.script()}") from exc

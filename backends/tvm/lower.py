@@ -18,7 +18,7 @@ from gmagen.ir.passes.plan import KernelPlan
 from gmagen.ir.printer import print_op
 
 from ..base import Executable
-from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, space
+from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, pipeline, space
 from .prelude import Graph, Param, check_supported
 from .runtime import ShapeMismatch, Slot, Step, run_step
 
@@ -63,6 +63,8 @@ def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
 
     graph = _emit(kernel, layout, dims, present, config, target_kind, token_dtype)
     func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
+    if target_kind == "cuda" and int(config.get("min_blocks", 0)) > 0:
+        func = func.with_attr(pipeline.MIN_BLOCKS_ATTR, int(config["min_blocks"]))
     sch = schedule(graph, func, config, target_kind)
     return graph, tvm.IRModule({FUNC_NAME: sch.mod["main"]}), str(sch.trace)
 
@@ -76,7 +78,8 @@ def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: 
     _, mod, _ = scheduled_module(kernel, layout, dims, present,
                                  space.validate(config, "cuda", kernel.kind), "cuda",
                                  token_dtype)
-    lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)))
+    lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)),
+                      tir_pipeline=pipeline.register())
     return lib_cuda_source(lib)
 
 

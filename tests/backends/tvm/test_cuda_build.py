@@ -134,7 +134,8 @@ def test_rewrite_keeps_binary_payloads():
 # -- the fused cuda schedule (schedule_cuda.py): structure of the generated source ------
 BENCH = {"D": 64, "Dv": 64, "K": 64}   # benchmarks/bench_triton.py's shape
 POINTER = re.compile(r"(\w+)\* __restrict__ (\w+)_ptr")
-KERNEL = re.compile(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\)')
+# __launch_bounds__(threads) or (threads, min_blocks) (config knob min_blocks)
+KERNEL = re.compile(r'extern "C" __global__ void __launch_bounds__\((\d+)(?:, \d+)?\) (\w+)\(([^)]*)\)')
 
 
 def _kernels(src):
@@ -143,6 +144,28 @@ def _kernels(src):
     for threads, name, params in KERNEL.findall(src):
         out[name] = (int(threads), [p for _, p in POINTER.findall(params)])
     return out
+
+
+@pytest.mark.parametrize("blocks", [0, 3])
+def test_min_blocks_is_every_kernels_second_launch_bound(blocks):
+    """Config knob min_blocks: __launch_bounds__(threads, min_blocks) on every kernel of
+    the plan (nvcc caps the registers to fit that many blocks per SM); 0: the thread
+    count alone."""
+    for kp in plan_program(gmagen.gma(True, "row", "diag")).kernels:
+        src = cuda_source(kp, "bnhd", BENCH, frozenset(), Config(min_blocks=blocks), "sm_90",
+                          "bfloat16")
+        bounds = re.findall(r"__launch_bounds__\(([^)]*)\)", src)
+        # each kernel declared, then defined
+        assert bounds and len(bounds) == 2 * len(_kernels(src)), (kp.name, bounds)
+        for bound in bounds:
+            assert bound.endswith(f", {blocks}") if blocks else bound.isdigit(), (kp.name, bound)
+
+
+@pytest.mark.parametrize("value", [-1, 33, 1.5, True])
+def test_min_blocks_out_of_range_is_refused(value):
+    with pytest.raises(OptionError, match=r"min_blocks=.*blocks per SM"):
+        gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90,
+                       config={"min_blocks": value}).source
 
 
 @pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"), ("row", "shared")])
@@ -175,7 +198,7 @@ def test_fused_bidirectional_kernels(norm, cov):
 def test_global_scratch_is_small():
     """The scheduled TensorIR's global intermediates are the [H, K, D] tables and
     (write) S_seg [B, H, NSEG, K, Dv + 1] with NSEG = ceil(N / (block_n * write_tiles)):
-    16 segments at N = 65536 (4.3 MB at B * H = 64), nothing of size N x K."""
+    nothing of size N x K."""
     from gmagen.backends.tvm import space
     from gmagen.backends.tvm.lower import scheduled_module
 
@@ -190,7 +213,8 @@ def test_global_scratch_is_small():
         assert names == want, scratch
         if causal_free.kind == "write":
             (seg,) = [line for line in scratch if line.startswith("S_seg")]
-            assert "((N + 63) // 64 + 63) // 64, 64, 65))" in seg, seg
+            wt = space.CUDA_DEFAULTS["write_tiles"]
+            assert f"((N + 63) // 64 + {wt - 1}) // {wt}, 64, 65))" in seg, seg
 
 
 @pytest.mark.parametrize("D,Dv,K", [(16, 8, 4), (16, 8, 7), (8, 5, 1), (96, 100, 48),

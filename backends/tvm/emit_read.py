@@ -69,9 +69,8 @@ def _emit_tiled(g: Graph, kernel: Any) -> Graph:
         num = g.per_token("num", (Dv,), lambda ix, e: te.sum(
             r[(*ix, k1)] * s_mem[ix[0], ix[1], k1, e], axis=k1), "sum_k r_ik S_k  [N, Dv]",
             "gemm", (s_mem.op.name,))
-        k2 = te.reduce_axis((0, K), name="k")
-        den = g.per_token("den", (), lambda ix: te.sum(r[(*ix, k2)] * n_mem[ix[0], ix[1], k2],
-                                                       axis=k2), "sum_k r_ik n_k  [N]", "rows")
+        den = g.row_reduce("den", te.sum, lambda ix, k: r[(*ix, k)] * n_mem[ix[0], ix[1], k],
+                           "sum_k r_ik n_k  [N]")
 
         def y_of(b, h, i, e):
             ix = g.ix_of(b, h, i)

@@ -63,6 +63,27 @@ def test_tiled_lengths(N, tiled, rng, gma_ref):
     gma_ref.assert_close(S, Sr, TOL, "S")
 
 
+@pytest.mark.parametrize("K", [8, 9, 13], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_tiled_row_reductions_in_parts(K, causal, tiled, rng, gma_ref):
+    """At K >= 8 a tile's max, sum (and the read's den) over k run in 4 parts of k,
+    then over the parts (prelude.Graph.row_reduce): K = 8 in parts of 2, K = 9 and
+    13 in parts of 3 and 4 with the last part short (its missing k are -inf for
+    the max, 0 for the sums)."""
+    shape = (2, 70, 3, 8, 5, K)
+    inputs = make_case(rng, gma_ref, shape, "diag", True)
+    program = gmagen.gma(causal, "row", "diag")
+    kern = gmagen.compile(program, backend="tvm", target="llvm",
+                          config=SCAN_CONFIG if causal else CONFIG)
+    assert "_max_part" in kern.source and "_sum_part" in kern.source
+    ref = gmagen.compile(program, "numpy")
+    y, (S, n) = run(kern, inputs)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")
+
+
 def test_tiled_responsibilities(tiled, rng, gma_ref):
     inputs = make_case(rng, gma_ref, SHAPE, "diag")
     mix = (inputs["mean"], inputs["log_var"], inputs["logit"])

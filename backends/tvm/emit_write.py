@@ -9,7 +9,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from .prelude import F32, Graph
+from .prelude import ACC_TILE, F32, Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
@@ -47,9 +47,14 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     op = kernel.main
     K, Dv = g.dims["K"], g.dims["Dv"]
     B, H = g.B, g.H
+    g.tile_multiple = segment_tiles  # whole segments of tile slots: no guard in the sum
     r = g.r_operand(kernel, "r", "k")
     mask = g.key_mask(op.key_mask if op.key_mask in present else None)
-    vx = value_tile(g, op.v, mask, "v_ext")
+    # columns Dv + 1 rounded up to the schedule's accumulator tile (zeros past n's
+    # column): no thread's 4 x 4 accumulators straddle the end of a row, so the token
+    # loop has no per-column guard (at Dv = 64 the 17th column tile held one column,
+    # and nvcc compiled the guards of its loop to branches around every product)
+    vx = value_tile(g, op.v, mask, "v_ext", -(-(Dv + 1) // ACC_TILE) * ACC_TILE)
     part = segment_partials(g, r, vx, segment_tiles, "S_seg")
     nseg = part.shape[2]
     s1 = te.reduce_axis((0, nseg), name="s")
@@ -65,10 +70,12 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     return g
 
 
-def value_tile(g: Graph, v_name: str, mask: Any, name: str) -> Any:
+def value_tile(g: Graph, v_name: str, mask: Any, name: str, width: int = 0) -> Any:
     """The tiled stage [m_j v_j, m_j] [*token_lead, Dv + 1] in the token dtype: masked
-    keys and tokens past N are zeros (they add nothing to S or n)."""
+    keys and tokens past N are zeros (they add nothing to S or n); ``width`` > Dv + 1
+    appends columns of zeros."""
     Dv = g.dims["Dv"]
+    width = max(width, Dv + 1)
     raw = g.input(v_name, g.token_shape(Dv), dtype=g.token_dtype)
     zero, one = tirx.const(0, g.token_dtype), tirx.const(1, g.token_dtype)
 
@@ -78,17 +85,28 @@ def value_tile(g: Graph, v_name: str, mask: Any, name: str) -> Any:
         if mask is not None:
             keep = tirx.all(keep, mask(b, n))
         v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
+        if width > Dv + 1:
+            keep = tirx.all(keep, e <= Dv)
         return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)
-    return g.per_token(name, (Dv + 1,), load, f"[m_j v_j, m_j] tile  [N, Dv + 1] "
+    cols = "Dv + 1" if width == Dv + 1 else f"{width}: Dv + 1 and zeros"
+    return g.per_token(name, (width,), load, f"[m_j v_j, m_j] tile  [N, {cols}] "
                        f"({g.token_dtype}; zeros past N)", "fill")
 
 
 def segment_partials(g: Graph, r: Any, vx: Any, segment_tiles: int, name: str) -> Any:
-    """The "out" stage [B, H, NSEG, K, Dv + 1] = sum_(j in segment) r_jk vx_j over
+    """The "out" stage [B, H, NSEG, K, W] = sum_(j in segment) r_jk vx_j over
     segments of ``segment_tiles`` tiles (the write kernel of the cuda schedule:
-    ``schedule_cuda._Sched.segment_output``); the scan takes one tile per segment."""
-    K, Dv, TPS = g.dims["K"], g.dims["Dv"], segment_tiles
-    nseg = tirx.indexdiv(g.tiles + (TPS - 1), TPS)
+    ``schedule_cuda._Sched.segment_output``; W: the columns of vx, Dv + 1 or more);
+    the scan takes one tile per segment."""
+    K, TPS = g.dims["K"], segment_tiles
+    W = int(vx.shape[-1])
+    if g.tile_multiple % TPS:
+        raise ValueError(f"tvm backend: segments of {TPS} tiles need tile slots in multiples "
+                         f"of {TPS} (Graph.tile_multiple={g.tile_multiple})")
+    span = g.tile * g.tile_multiple  # tokens per group of tile slots
+    nseg = tirx.indexdiv(g.N + (span - 1), span)
+    if g.tile_multiple > TPS:
+        nseg = nseg * (g.tile_multiple // TPS)
     jt = te.reduce_axis((0, TPS), name="jt")
     ji = te.reduce_axis((0, g.tile), name="ji")
 
@@ -96,9 +114,13 @@ def segment_partials(g: Graph, r: Any, vx: Any, segment_tiles: int, name: str) -
         t = s * TPS + jt
         v = vx[b, h, t, ji, e]
         v = v if g.token_dtype == F32 else v.astype(F32)
-        return tirx.if_then_else(t < g.tiles, r[b, h, t, ji, k] * v, tirx.const(0.0, F32))
-    part = te.compute((g.B, g.H, nseg, K, Dv + 1), lambda b, h, s, k, e: te.sum(
+        # no guard: the segments cover whole tile slots (Graph.tiles), and the slots
+        # past the last tile hold zero rows of vx (tokens past N) and finite r, so they
+        # add nothing.  (A guard t < tiles here was loop-invariant, but nvcc kept a
+        # select or a predicated multiply and an add on every product.)
+        return r[b, h, t, ji, k] * v
+    part = te.compute((g.B, g.H, nseg, K, W), lambda b, h, s, k, e: te.sum(
         term(b, h, s, k, e), axis=[jt, ji]), name=name)
     g.stage(part, "bhs", f"{name} = sum_(j in segment) r_jk [m_j v_j, m_j]  [B, H, NSEG, K, "
-            f"Dv + 1], segments of {TPS} tiles", "out")
+            f"{W}], segments of {TPS} tiles", "out")
     return part

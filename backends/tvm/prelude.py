@@ -26,6 +26,7 @@ Dim = Union[int, str]  # a constant, or "B" / "N" / "H" resolved at call time
 F32 = "float32"
 F64 = "float64"  # the mixture's coefficients, before rounding (Graph._mixture)
 ROW_PARTS = 4    # threads per token of a tiled reduction over k (Graph.row_reduce)
+ACC_TILE = 4     # the cuda schedule's accumulators per thread along each axis (TM = TN)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Graph:
     inline: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
+    tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
+                             # to a multiple of this (write: whole segments, ``tiles``)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
     group: str = ""          # stamped on the stages emitted next (Stage.group)
     _cache: dict[Any, Any] = field(default_factory=dict)
@@ -167,9 +170,14 @@ class Graph:
     # and never written out)
     @property
     def tiles(self) -> Any:
+        """Tile slots of the per-token stages: ceil(N / tile), rounded up to a multiple
+        of ``tile_multiple``.  The slots past the last tile hold tokens past N, which
+        every stage computes from zeros like the last tile's tail, so that a segment
+        of the write plan sums whole slots with no guard (``emit_write``)."""
         from tvm import tirx
 
-        return tirx.indexdiv(self.N + (self.tile - 1), self.tile)
+        m = self.tile_multiple
+        return tirx.indexdiv(self.N + (self.tile * m - 1), self.tile * m) * m
 
     def token_lead(self) -> tuple:
         if self.tile:

@@ -40,10 +40,10 @@ from tvm import s_tir
 
 from gmagen.config import Config
 
-from .prelude import Graph
+from .prelude import ACC_TILE, Graph
 
 SMEM = "shared.dyn"
-TM, TN = 4, 4          # accumulator tile per thread of a "gemm" stage (tokens x outputs)
+TM = TN = ACC_TILE     # accumulator tile per thread of a "gemm" stage (tokens x outputs)
 RED_CHUNK = 32         # reduction elements per staging of the coefficient tables
 MIX_THREADS = 128
 
@@ -78,12 +78,14 @@ class _Sched:
         return tx
 
     def pad(self, block: Any, ndim: int, bits: int) -> None:
-        """Rows of a shared buffer one word longer than a multiple of 32 words (no
-        bank conflicts between threads reading neighbouring rows)."""
+        """Rows of a shared buffer an odd number of 32-bit words long (no bank conflicts
+        between threads reading one column of neighbouring rows: an odd stride is
+        coprime to the 32 banks).  Not "one word past a multiple of 32": that padded a
+        row of 68 bf16 (34 words) to 130."""
         if ndim < 2:
             return
         per_word = max(1, 32 // bits)
-        self.sch.storage_align(block, 0, ndim - 2, 32 * per_word, per_word)
+        self.sch.storage_align(block, 0, ndim - 2, 2 * per_word, per_word)
 
     def rows(self, block: Any, spatial: list, lead: int, threads: int) -> None:
         """A reduction per element of ``spatial`` (over threads), accumulated in a

@@ -26,7 +26,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from .prelude import F32, Graph
+from .prelude import ACC_TILE, F32, Graph
 
 GPU_THREADS = 128  # threads per block of the chunk prefix on a GPU (state_prefix)
 
@@ -63,9 +63,10 @@ def chunk_prefix(delta: Any, init: Any, name: str) -> Any:
     return te.extern(shape, inputs, body, name=name, dtype="float32")
 
 
-def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool) -> tuple:
-    """(S_in [B, H, NC, K, Dv + 1], S_end [B, H, K, Dv], n_end [B, H, K]) of the chunk
-    partials part [B, H, NC, K, Dv + 1] (column Dv: n): S_in[c] = state0 + sum_(c' < c)
+def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool, Dv: int) -> tuple:
+    """(S_in [B, H, NC, K, W], S_end [B, H, K, Dv], n_end [B, H, K]) of the chunk
+    partials part [B, H, NC, K, W] (column Dv: n; W >= Dv + 1, columns past Dv zero
+    padding that stays zero): S_in[c] = state0 + sum_(c' < c)
     part[c'] (exclusive, state0 = (s0, n0) or zeros), the end state the inclusive sum
     over all chunks.  A te.extern: per (b, h, k, e) a sequential loop over the chunks
     with the running sum in a register (O(NC) per element).  On the CPU parallel over
@@ -77,7 +78,7 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool) -> tuple:
 
     B, H, NC, K, W = part.shape
     K, W = int(K), int(W)
-    Dv, size = W - 1, K * W
+    size = K * W
     threads = min(size, GPU_THREADS)
 
     def body(ins: list, outs: list) -> Any:
@@ -89,14 +90,16 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool) -> tuple:
             def scan(b: Any, h: Any, flat: Any) -> None:
                 k, e = tirx.indexdiv(flat, W), tirx.indexmod(flat, W)
                 acc = T.decl_buffer((1,), "float32", scope="local")  # the running sum
+                zero = tirx.const(0.0, "float32")
                 if init:
                     with T.If(e < Dv):
                         with T.Then():
                             T.buffer_store(acc, init[0][b, h, k, e], [0])
                         with T.Else():
-                            T.buffer_store(acc, init[1][b, h, k], [0])
+                            T.buffer_store(acc, tirx.if_then_else(e == Dv, init[1][b, h, k],
+                                                                  zero), [0])
                 else:
-                    T.buffer_store(acc, tirx.const(0.0, "float32"), [0])
+                    T.buffer_store(acc, zero, [0])
                 with T.serial(0, NC) as c:
                     out[b, h, c, k, e] = acc[0]
                     T.buffer_store(acc, acc[0] + x[b, h, c, k, e], [0])
@@ -104,7 +107,9 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool) -> tuple:
                     with T.Then():
                         s_end[b, h, k, e] = acc[0]
                     with T.Else():
-                        n_end[b, h, k] = acc[0]
+                        with T.If(e == Dv):
+                            with T.Then():
+                                n_end[b, h, k] = acc[0]
 
             if gpu:
                 with T.thread_binding(0, B * H, thread="blockIdx.y") as bh:
@@ -242,15 +247,17 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     """cuda: token tiles of C tokens (``Graph.tile`` = chunk), two tiled kernels and
     the prefix between them:
 
-      group "part":  part_c [K, Dv + 1] = sum_(j in c) r_jk [m_j v_j, m_j]
-                     (emit_write.segment_partials, one tile per segment)
-      state_prefix:  S_in(c) [K, Dv + 1] (column Dv: n_in), and the final state
+      group "part":  part_c [K, W] = sum_(j in c) r_jk [m_j v_j, m_j, 0...]
+                     (emit_write.segment_partials, one tile per segment; W: Dv + 1
+                     rounded up to the accumulator tile, as in the write plan)
+      state_prefix:  S_in(c) [K, W] (column Dv: n_in), and the final state
       group "y":     per chunk c, tiles in shared memory:
                      slot: wc_ik = sum_(j <= i) m_j r_jk, q_i = r_i / (n_in + wc_i + eps)
                      A_ij = q_i . r_j                       [C, C]
                      intra_i = sum_(j <= i) A_ij [m_j v_j, m_j]  [C, W]
                      inter_i = q_i S_in(c)                  [C, W]
                      row: y_i = (intra + inter)[:Dv] / ((intra + inter)[Dv] + eps)
+                          (W columns, those past Dv zero)
                      slot: y_i = intra_i + inter_i (W = Dv)
 
     The key mask and the tokens past N live in the tile of [m_j v_j, m_j] only
@@ -267,9 +274,11 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     # y kernel: recomputing [C, K] costs less than a global [B, H, N, K] buffer)
     g.group = "part"
     rk_part = g.r_operand(kernel, "rk", "kp")
-    vx_part = value_tile(g, op.v, mask, "v_part")
+    # [v, 1] rounded up to whole accumulator tiles (emit_write._emit_tiled: why)
+    W = -(-(Dv + 1) // ACC_TILE) * ACC_TILE
+    vx_part = value_tile(g, op.v, mask, "v_part", W)
     part = segment_partials(g, rk_part, vx_part, 1, "S_chunk")
-    ps, s_end, n_end = state_prefix(part, s0, n0, g.target_kind != "llvm")
+    ps, s_end, n_end = state_prefix(part, s0, n0, g.target_kind != "llvm", Dv)
     g.notes.append("S_in: " + ("S0 + " if s0 is not None else "")
                    + "exclusive prefix of S_chunk over chunks, [B, H, NC, K, Dv + 1] (te.extern:"
                    " a sequential loop over chunks per element); its other outputs are the "
@@ -277,7 +286,7 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     g.group = "y"
     rq = g.r_operand(kernel, "rq", "q")
     rk = g.r_operand(kernel, "rk", "k")
-    vx = value_tile(g, op.v, mask, "v_ext")
+    vx = value_tile(g, op.v, mask, "v_ext", W)
 
     def wide(x: Any) -> Any:
         return x if g.token_dtype == F32 else x.astype(F32)
@@ -287,9 +296,9 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
 
     # S_in(c) of the tile's chunk, [K, Dv + 1] in shared memory: a per-tile stage (no
     # token axis: (b, h, t) lead it like the per-token stages)
-    st = te.compute((g.B, g.H, g.tiles, K, Dv + 1), lambda b, h, t, k, e: ps[b, h, t, k, e],
+    st = te.compute((g.B, g.H, g.tiles, K, W), lambda b, h, t, k, e: ps[b, h, t, k, e],
                     name="S_tile")
-    g.stage(st, "bhti", "S_in(c), n_in(c) of the tile's chunk  [K, Dv + 1]", "fill")
+    g.stage(st, "bhti", f"S_in(c), n_in(c) of the tile's chunk  [K, {W}]", "fill")
     if op.norm == "slot":
         j0 = te.reduce_axis((0, C), name="j")
         wc = g.per_token("w_cum", (K,), lambda ix, k: te.sum(
@@ -301,14 +310,16 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
             "r_ik / (n_k(i) + eps)  [C, K]", "map")
         width = Dv
     else:
-        qn, width = rq, Dv + 1
+        qn, width = rq, W
     kk = te.reduce_axis((0, K), name="k")
     a = g.per_token("A", (C,), lambda ix, j: te.sum(
         qn[(*ix, kk)] * rk[ix[0], ix[1], ix[2], j, kk], axis=kk),
         "A_ij = q_i . r_j  [C, C] (j <= i applied in y_intra)", "gemm")
     j1 = te.reduce_axis((0, C), name="j")
+    # the causal mask on the factor A (finite for every j of the chunk), not on the
+    # product: acc + A' v is one FMA
     intra = g.per_token("y_intra", (width,), lambda ix, e: te.sum(
-        guard(j1 <= ix[3], a[(*ix, j1)] * wide(vx[ix[0], ix[1], ix[2], j1, e])), axis=j1),
+        guard(j1 <= ix[3], a[(*ix, j1)]) * wide(vx[ix[0], ix[1], ix[2], j1, e]), axis=j1),
         "sum_(j <= i) A_ij [m_j v_j, m_j]  [C, W]", "gemm")
     k1 = te.reduce_axis((0, K), name="k")
     inter = g.per_token("y_inter", (width,), lambda ix, e: te.sum(

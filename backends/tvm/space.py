@@ -31,8 +31,13 @@ KNOBS = {
 DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0)
 # cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
 # [64, K] logits and [64, Dv] products at K = Dv = 64); the scan's tile is its chunk,
-# so chunks of 64 as well (the [C, C] product then fills the 256 threads too)
-CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, chunk=64, num_threads=256)
+# so chunks of 64 as well (the [C, C] product then fills the 256 threads too).
+# write_tiles 8: at 64 a short sequence had one segment per (b, h), and the block ran
+# 64 tile iterations, most of them past N (N = 1024: 64 blocks, 3.1 ms).  min_blocks 3:
+# the write kernel in 72-85 registers for three blocks per SM (nvcc alone took 96-124,
+# one or two; 4 spills).  See the README's TVM section for the measurements.
+CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, chunk=64, num_threads=256, write_tiles=8,
+                                 min_blocks=3)
 
 
 def default_config(kind: str, target: str = "llvm") -> Config:

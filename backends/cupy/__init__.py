@@ -152,14 +152,35 @@ class CupyBackend(Backend):
         from .lower import CupyExecutable
 
         arch = options.get("arch") or _device_arch(binding.device[1])
-        full = self.default_config(kernel, binding).replace(**dict(config))
+        base = self.default_config(kernel, binding)
+        full = base.replace(**dict(config))
+        if base.get("mma") == 2 and "mma" not in config and not _fits(kernel.kind, full, binding):
+            # a partial config (the user's, or a cache entry tuned before mma=2 existed)
+            # whose tiles are the WMMA path's: complete it from that path's default
+            dims = binding.dims
+            K = dims.get("K", 64)
+            full = space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
+                                        binding.dtypes.get("T", "f32"), mma=1).replace(**dict(config))
         return CupyExecutable(kernel, binding, space.validate(kernel.kind, full), arch)
 
     def describe(self) -> str:
         return ("cupy: CUDA C++ through NVRTC (f32/f16/bf16, float32 accumulation; tensor "
-                "cores for f16/bf16, config mma=1); every "
+                "cores for f16/bf16: mma.sync register fragments (mma=2) for write and read, WMMA (mma=1) "
+                "elsewhere); every "
                 "variant, key mask, state, both layouts, any strides; compiles without a GPU "
                 "given arch=; no varlen yet")
+
+
+def _fits(kind: str, config: Config, binding: Any) -> bool:
+    """Whether ``config`` is a valid mma=2 config of ``kind`` at this specialization."""
+    from . import frag, space
+    from .prelude import Variant
+
+    dims = binding.dims
+    K = dims.get("K", 64)
+    v = Variant(kind, dims.get("D", 64), dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
+    t = space.tiles_of(config)
+    return not frag.problems(v, t) and space.smem_bytes(v, t) <= space.SMEM_LIMIT
 
 
 def _device_arch(device: int) -> str:

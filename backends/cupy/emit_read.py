@@ -21,6 +21,10 @@ from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    if t.mma == 2:  # register fragments (frag.py)
+        from . import emit_read_frag
+
+        return emit_read_frag.emit(v, t, config)
     c = Code()
     mma = bool(t.mma)
     params = token_params("q") + coefficient_params("mq", v.q_covariance)

@@ -21,6 +21,10 @@ from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, fi
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    if t.mma == 2:  # register fragments (frag.py)
+        from . import emit_write_frag
+
+        return emit_write_frag.emit(v, t, config)
     c = Code()
     params = token_params("k") + token_params("v")
     if v.mask:

@@ -89,6 +89,29 @@ def constants(v: Variant, t: Tiles) -> list[str]:
 
 INCLUDE = "#include <mma.h>"
 
+# 16-byte token vectors, shared with the register-fragment kernels (frag.py)
+VECTORS = r"""
+// 16-byte vectors of 8 tokens (T_t is 16-bit in every MMA kernel): element m in bits
+// [16 (m % 2), 16 (m % 2) + 16) of word m / 2 (little endian, the order in memory)
+GMA_DEVICE void unpack8(const uint4 u, float* f) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    f[2 * m] = to_f(T_from_bits(static_cast<unsigned short>(w[m] & 0xffffu)));
+    f[2 * m + 1] = to_f(T_from_bits(static_cast<unsigned short>(w[m] >> 16)));
+  }
+}
+
+GMA_DEVICE uint4 pack8(const float* f) {
+  unsigned w[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    w[m] = static_cast<unsigned>(T_bits(cvt_T(f[2 * m])))
+           | (static_cast<unsigned>(T_bits(cvt_T(f[2 * m + 1]))) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+"""
+
 HELPERS = r"""
 // tensor cores (WMMA): fragment types and the tf32 split
 using namespace nvcuda;
@@ -113,26 +136,6 @@ template <class F> GMA_DEVICE void split_tf32(F& hi, F& lo) {
     hi.x[e] = wmma::__float_to_tf32(x);
     lo.x[e] = wmma::__float_to_tf32(x - hi.x[e]);
   }
-}
-
-// 16-byte vectors of 8 tokens (T_t is 16-bit in every MMA kernel): element m in bits
-// [16 (m % 2), 16 (m % 2) + 16) of word m / 2 (little endian, the order in memory)
-GMA_DEVICE void unpack8(const uint4 u, float* f) {
-  const unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    f[2 * m] = to_f(T_from_bits(static_cast<unsigned short>(w[m] & 0xffffu)));
-    f[2 * m + 1] = to_f(T_from_bits(static_cast<unsigned short>(w[m] >> 16)));
-  }
-}
-
-GMA_DEVICE uint4 pack8(const float* f) {
-  unsigned w[4];
-#pragma unroll
-  for (int m = 0; m < 4; ++m)
-    w[m] = static_cast<unsigned>(T_bits(cvt_T(f[2 * m])))
-           | (static_cast<unsigned>(T_bits(cvt_T(f[2 * m + 1]))) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // the same for x*x (exact in float32 for 16-bit x) of the loaded x

@@ -121,6 +121,10 @@ def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
 
 
 def smem_bytes(v: Variant, t: Tiles) -> int:
+    if t.mma == 2 and v.kind in ("write", "read"):
+        from . import frag
+
+        return frag.smem_bytes(v, t)
     if t.mma and v.kind not in ("reduce", "coefficients"):
         from . import mma
 
@@ -226,16 +230,21 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
     if t is not None:
         lines.append(f"// shared memory: {smem_bytes(v, t)} bytes (dynamic)")
     mma = bool(t is not None and t.mma and v.kind not in ("reduce", "coefficients"))
+    fragments = mma and t is not None and t.mma == 2
     if mma:
+        from . import frag as _frag
         from . import mma as _mma
 
-        lines.append("// tensor cores: WMMA, float32 accumulation (mma.py's docstring: precision "
+        lines.append("// tensor cores: mma.sync on register fragments, float32 accumulation "
+                     "(frag.py's docstring)" if fragments else
+                     "// tensor cores: WMMA, float32 accumulation (mma.py's docstring: precision "
                      "per product)")
-    used = {v.dtype, v.param_dtype, v.state_dtype} | ({"bf16"} if mma else set())
+    used = {v.dtype, v.param_dtype, v.state_dtype} | ({"bf16"} if mma else set()) \
+        | ({"f16"} if fragments else set())  # frag.HELPERS has float16 and bfloat16 MMAs
     for dt in ("f16", "bf16"):
         if dt in used:
             lines.append(f"#include <{HEADERS[dt]}>")
-    if mma:
+    if mma and not fragments:
         lines.append(_mma.INCLUDE)
     lines += ["",
               f"typedef {CUDA_TYPE[v.dtype]} T_t;      // tokens q, k, v and y",
@@ -259,7 +268,9 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
                   f"[[maybe_unused]] constexpr int BLOCK_N = {t.block_n};",
                   f"[[maybe_unused]] constexpr int BLOCK_DV = {t.block_dv};",
                   f"[[maybe_unused]] constexpr int DC = {t.d_chunk};   // D columns per shared-memory chunk"]
-        if mma:
+        if fragments:
+            lines += _frag.constants(v, t)
+        elif mma:
             lines += _mma.constants(v, t)
         else:
             lines += [f"[[maybe_unused]] constexpr int DCP = {pad_odd(t.d_chunk)};",
@@ -275,7 +286,7 @@ def header(kernel_name: str, description: str, v: Variant, t: Tiles | None, conf
                   f"GMA_DEVICE W_t cvt_W(float v) {{ return {_CVT[_mma.WIDE]}(v); }}\n"
                   f"GMA_DEVICE unsigned short T_bits(T_t v) {{ return {_BITS[v.dtype][0]}(v); }}\n"
                   f"GMA_DEVICE T_t T_from_bits(unsigned short b) {{ return {_BITS[v.dtype][1]}(b); }}\n"
-                  + _mma.HELPERS)
+                  + _mma.VECTORS + (_frag.HELPERS if fragments else _mma.HELPERS))
     return "\n".join(lines) + "\n" + helpers + "\n" + store + "\n"
 
 

@@ -7,11 +7,15 @@ Knobs (a Config; ``str()`` pastes back into ``gmagen.compile(config=...)``):
   d_chunk      D columns staged in shared memory per step of the logits
   num_threads  threads per block
   segments     blocks per (b, h) along N; 0 = enough to fill the GPU
-  mma          1: tensor cores (WMMA) for the big products (mma.py), 0: CUDA-core
-               FMA.  Default 1 for float16/bfloat16 tokens; float32 tokens take
-               0 only (their products stay exact float32 FMA: tf32 would break
-               the 1e-4 contract).  With mma=1, block_n and block_dv are
-               multiples of 16 and d_chunk of 8 (the MMA tile).
+  mma          2: tensor cores on register fragments (mma.sync, frag.py; the
+               write and read kernels, K <= 128), 1: tensor cores (WMMA) on
+               shared-memory tiles for the big products (mma.py), 0: CUDA-core
+               FMA.  Default for float16/bfloat16 tokens: 2 where its tiles fit,
+               else 1; float32 tokens take 0 only (their products stay exact
+               float32 FMA: tf32 would break the 1e-4 contract).  With mma>=1,
+               block_n and block_dv are multiples of 16 and d_chunk of 8 (the
+               MMA tile); mma=2 sets the warps' roles from num_threads
+               (frag.shape) and ignores d_chunk (all of D is in shared memory).
 
 Every tile lives in shared memory (layout: ``prelude.smem_buffers``, MMA:
 ``mma.buffers``); the default shrinks tiles until a block needs at most
@@ -26,6 +30,7 @@ from __future__ import annotations
 from gmagen.config import Config
 from gmagen.errors import OptionError
 
+from . import frag
 from .prelude import Tiles, Variant, smem_bytes
 
 SMEM_LIMIT = 96 * 1024
@@ -35,9 +40,10 @@ KNOBS: dict[str, dict[str, tuple]] = {
     "responsibility": {"block_n": (8, 16, 32, 64, 128), "d_chunk": (), "num_threads": (64, 128, 256, 512),
                        "mma": (0, 1)},
     "write": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-              "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
+              "num_threads": (32, 64, 96, 128, 192, 256, 384, 512), "segments": (),
+              "mma": (0, 1, 2)},
     "read": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-             "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
+             "num_threads": (32, 64, 128, 256, 512), "segments": (), "mma": (0, 1, 2)},
     "scan": {"block_n": (8, 16, 32, 64), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
              "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
 }
@@ -59,14 +65,19 @@ def tiles_of(config: Config) -> Tiles:
 
 
 def default_config(kind: str, D: int, Dv: int, K: int, dtype: str = "f32",
-                   variant: Variant | None = None) -> Config:
-    """Largest tiles that fit SMEM_LIMIT: start from block_n 64 (scan: 32),
-    block_dv 64, d_chunk 32 and halve d_chunk, block_dv, block_n in turn; mma=1
-    for 16-bit tokens when its tiles fit (floors 16, 16, 8), else 0."""
+                   variant: Variant | None = None, mma: int | None = None) -> Config:
+    """16-bit tokens: the register-fragment tiles (mma=2, write and read, see
+    _fragments) where they fit, else the largest WMMA tiles (mma=1) that fit
+    SMEM_LIMIT: start from block_n 64 (scan: 32), block_dv 64, d_chunk 32 and
+    halve d_chunk, block_dv, block_n in turn (floors 16, 16, 8); else CUDA cores
+    (mma=0, the float32 path).  ``mma``: the default tiles of that one path (an
+    unavailable path falls through to the next: 2, 1, 0)."""
     v = variant or Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype,
                            same_mixture=False)
     cfg = None
-    if dtype in MMA_DTYPES:
+    if dtype in MMA_DTYPES and kind in ("write", "read") and mma in (None, 2):
+        cfg = _fragments(kind, Dv, v)
+    if cfg is None and dtype in MMA_DTYPES and mma in (None, 1):
         cfg = _shrink(kind, Dv, D, v, mma=1)
     if cfg is None:
         cfg = _shrink(kind, Dv, D, v, mma=0) or {}
@@ -91,6 +102,40 @@ def _shrink(kind: str, Dv: int, D: int, v: Variant, mma: int) -> dict | None:
     if mma and smem_bytes(v, tiles_of(Config(cfg))) > SMEM_LIMIT:
         return None
     return cfg
+
+
+def _fragments(kind: str, Dv: int, v: Variant) -> dict | None:
+    """The mma=2 default (frag.py), or None where it does not serve this shape: write,
+    warps KW along K times token groups of TOK = 32 tokens (16 when KW <= 2) in a
+    64-token tile; read, 4 warps of 16 tokens; block_dv 64 (32 when a warp holds
+    two 16-row tiles of K); smaller tiles until the shared memory fits."""
+    probe = frag.shape(v, Tiles(num_threads=32))
+    if probe.kpad > frag.MAX_KPAD:
+        return None
+    bdv = min(pow2_at_least(Dv, 16), 64 if probe.mk == 1 else 32)
+    if kind == "write":
+        tok = 32 if probe.kw >= 3 and probe.mk == 1 else 16  # MK = 2: twice the rows
+        tg = max(1, 8 // probe.kw if tok == 16 and probe.kw >= 3 else 64 // tok)  # <= 8 warps
+        cfg = {"block_n": tok * tg, "block_dv": bdv, "d_chunk": 32,
+               "num_threads": 32 * probe.kw * tg, "mma": 2}
+    else:
+        cfg = {"block_n": 64, "block_dv": bdv, "d_chunk": 32, "num_threads": 128, "mma": 2}
+    for _ in range(8):
+        t = tiles_of(Config(cfg))
+        if not frag.problems(v, t) and smem_bytes(v, t) <= SMEM_LIMIT:
+            return cfg
+        warps = cfg["num_threads"] // 32
+        if kind == "write" and warps > probe.kw and warps > 2:  # fewer token groups
+            cfg["num_threads"] -= 32 * probe.kw
+            cfg["block_n"] = cfg["block_n"] // (warps // probe.kw) * (warps // probe.kw - 1)
+        elif kind == "read" and warps > 2:  # one warp alone hides no latency: mma=1 then
+            cfg["num_threads"] //= 2
+            cfg["block_n"] //= 2
+        elif cfg["block_dv"] > 16:
+            cfg["block_dv"] //= 2
+        else:
+            return None
+    return None
 
 
 def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
@@ -118,10 +163,20 @@ def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
         for knob, value, step in (("block_n", t.block_n, 16), ("block_dv", t.block_dv, 16),
                                   ("d_chunk", t.d_chunk, 8)):
             if knob in config and value % step:
-                raise OptionError(f"cupy {kind} config {knob}={value} with mma=1: expected a "
+                raise OptionError(f"cupy {kind} config {knob}={value} with mma={t.mma}: expected a "
                                   f"multiple of {step} (the tensor-core tile), got {value}; "
                                   f"or pass mma=0")
-    if kind != "responsibility" and t.block_dv > t.num_threads:
+    if t.mma == 2:
+        if kind not in ("write", "read"):
+            raise OptionError(f"cupy {kind} config mma=2: register fragments serve the write "
+                              f"and read kernels; expected mma=0 or 1 for {kind}")
+        if v is not None:
+            why = frag.problems(v, t)
+            if why:
+                raise OptionError(f"cupy {kind} config {dict(config)} with mma=2 does not fit "
+                                  f"D={v.D}, Dv={v.Dv}, K={v.K}, {v.dtype}: " + "; ".join(why)
+                                  + "; or pass mma=1")
+    elif kind != "responsibility" and t.block_dv > t.num_threads:
         raise OptionError(f"cupy {kind} config block_dv={t.block_dv} exceeds "
                           f"num_threads={t.num_threads}")
     if v is not None and smem_bytes(v, t) > SMEM_LIMIT:

@@ -26,8 +26,8 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     caps = {"block_dv": _space.pow2_at_least(Dv), "d_chunk": _space.pow2_at_least(D)}
     knobs = {}
     for name in ("block_n", "block_dv", "d_chunk", "num_threads"):
-        if name not in default:
-            continue
+        if name not in default or (name == "d_chunk" and default.get("mma") == 2):
+            continue  # mma=2 keeps all of D in shared memory: d_chunk changes nothing
         allowed = _space.KNOBS[kind].get(name) or (D_CHUNKS if name == "d_chunk" else ())
         values = [v for v in allowed if v <= caps.get(name, v)] or [default[name]]
         if default[name] not in values:

@@ -24,7 +24,10 @@ def test_every_pruned_config_validates(kind):
     variant = tune.Variant(kind, D, Dv, K, "bf16", same_mixture=False)
     for c in configs:
         space.validate(kind, default.replace(**dict(c)), variant)  # raises if not
-        assert c["block_dv"] <= 64 and c["d_chunk"] <= 64
+        assert c["block_dv"] <= 64 and c.get("d_chunk", 0) <= 64
+    # register fragments (the 16-bit write and read default) keep all of D in shared
+    # memory: d_chunk is no knob of theirs
+    assert ("d_chunk" in pruned.space.knobs) == (default["mma"] != 2)
 
 
 def test_small_limits_prune_big_tiles():

@@ -2,8 +2,9 @@
 covariance x key mask) in bf16/f16/f32, initial/final state, N=1, N=1000,
 K=1, D=Dv=K=256, bhnd layout, fully masked keys, large float32 inputs per
 covariance, torch tensors on torch's current stream and CuPy arrays on CuPy's.
-16-bit tokens run on tensor cores by default (config mma=1; every check
-asserts which path ran); the CUDA-core path (mma=0) of 16-bit tokens is
+16-bit tokens run on tensor cores by default (config mma=2, register
+fragments, for the write and read kernels where they fit; mma=1, WMMA, for the
+causal scan and larger heads; every check asserts which path ran); the CUDA-core path (mma=0) of 16-bit tokens is
 checked on every causal x norm variant, and against the MMA path on the same
 inputs; explicit MMA configs with few and many warps per tile.
 
@@ -91,13 +92,18 @@ def _assert_path(kern, dtype, config) -> None:
     """16-bit tokens: tensor cores unless the config says mma=0 (or the scan's MMA
     tiles do not fit, K ~ 256: mma=0 by default); float32: CUDA cores."""
     want = config.get("mma") if config else None
+    if config and all(str(k).startswith("gma_") for k in config):  # per kernel: one path
+        wants = {c.get("mma") for c in config.values()}
+        want = wants.pop() if len(wants) == 1 else None
     for cfg in _configs(kern):
         if dtype == "f32":
             assert cfg["mma"] == 0, cfg
         elif want is not None:
             assert cfg["mma"] == want, cfg
     if dtype != "f32" and want == 1:
-        assert "wmma::mma_sync" in kern.source
+        assert "wmma::mma_sync" in kern.source and "mma.sync.aligned" not in kern.source
+    if dtype != "f32" and want == 2:
+        assert "mma.sync.aligned.m16n8k16" in kern.source and "wmma::mma_sync" not in kern.source
     if want == 0:
         assert "wmma" not in kern.source
 
@@ -143,7 +149,10 @@ def test_variant(causal, norm, cov, masked, dtype):
     mask = rng.random((B, N)) > 0.25 if masked else None
     kern = _check(gmagen.gma(causal=causal, norm=norm, covariance=cov), arrs, dtype, mask,
                   name=f"cupy-variant-{causal}-{norm}-{cov}-{masked}")
-    assert all(c["mma"] == (dtype != "f32") for c in _configs(kern))  # 16-bit: tensor cores
+    # 16-bit: tensor cores (register fragments, mma=2, for the bidirectional write and read)
+    assert all((c["mma"] >= 1) == (dtype != "f32") for c in _configs(kern))
+    if dtype != "f32" and not causal:
+        assert all(c["mma"] == 2 for c in _configs(kern)), kern.config
 
 
 FMA_VARIANTS = list(itertools.product((False, True), ("row", "slot"), ("diag", "spherical")))
@@ -201,6 +210,56 @@ def test_mma_configs(norm, causal, cfg):
         mask = rng.random((2, 211)) > 0.3
         _check(gmagen.gma(causal=causal, norm=norm, covariance="spherical"), arrs, dtype, mask,
                name=f"cupy-mma-config-{norm}-{causal}-{cfg}", config={**cfg, "mma": 1})
+
+
+# explicit register-fragment configs (mma=2, bidirectional write and read): warps along K
+# with two 16-row tiles each (K = 80: KW = 3, MK = 2), one warp along K (K = 7), D and Dv
+# that pad, several token groups, 2 and 8 read warps; bnhd and bhnd (the scalar paths)
+FRAG_CASES = [  # (D, Dv, K), write config, read config, token dtypes
+    ((40, 72, 24), dict(block_n=64, block_dv=16, num_threads=128),
+     dict(block_n=64, block_dv=16, num_threads=128), ("bf16", "f16")),
+    ((20, 33, 7), dict(block_n=32, block_dv=32, num_threads=64),
+     dict(block_n=32, block_dv=32, num_threads=64), ("bf16", "f16")),
+    ((64, 64, 80), dict(block_n=16, block_dv=32, num_threads=96),
+     dict(block_n=32, block_dv=32, num_threads=64), ("bf16", "f16")),
+    ((64, 64, 64), dict(block_n=64, block_dv=64, num_threads=256),
+     dict(block_n=128, block_dv=32, num_threads=256), ("bf16",)),
+    ((16, 8, 1), dict(block_n=16, block_dv=16, num_threads=32),
+     dict(block_n=16, block_dv=16, num_threads=32), ("bf16", "f16"))]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_fragment_configs(norm, cov, layout):
+    rng = np.random.default_rng()
+    for (D, Dv, K), wcfg, rcfg, dtypes in FRAG_CASES:
+        for dtype in dtypes:
+            arrs = _inputs(rng, 2, 333, 3, D, Dv, K, cov, dtype)
+            mask = rng.random((2, 333)) > 0.3
+            name = f"cupy-frag-{norm}-{cov}-{layout}-{D}-{Dv}-{K}-{dtype}"
+            config = {"gma_write": {**wcfg, "mma": 2}, "gma_read": {**rcfg, "mma": 2}}
+            if layout == "bhnd":
+                arrs = [a.transpose(0, 2, 1, 3).copy() if i < 3 else a for i, a in enumerate(arrs)]
+            _check(gmagen.gma(norm=norm, covariance=cov, layout=layout), arrs, dtype, mask,
+                   name=name, config=config)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_fragments_match_wmma(norm, dtype):
+    """mma=2 and mma=1 on the same inputs (sharp mixtures, large inputs): both within
+    the contract and within it of each other."""
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 1000, 2, 64, 64, 64, "diag", dtype, scale=4.0, log_var_shift=-3.0)
+    ys = []
+    for mma in (2, 1):
+        kern = _check(gmagen.gma(norm=norm), arrs, dtype, name=f"cupy-frag-vs-wmma{mma}-{norm}",
+                      config={"mma": mma})
+        ys.append(kern(*_cuda(arrs, dtype)).float().cpu().numpy())
+    gap = _rel(ys[0], ys[1].astype(np.float64))
+    _record(test=f"cupy-frag-vs-wmma-{norm}", dtype=dtype, error=gap, tol=TOLERANCES[dtype])
+    assert gap <= TOLERANCES[dtype], f"mma=2 vs mma=1: {gap:.3e}"
 
 
 SHAPES = [(1, 1, 1, 16, 16, 1), (2, 1, 3, 64, 64, 64), (2, 17, 2, 20, 33, 7),

@@ -27,15 +27,19 @@ KINDS = tuple(EMIT)
 
 
 def _source(v: Variant, **over) -> str:
-    cfg = space.default_config(v.kind, v.D, v.Dv, v.K, v.dtype, variant=v).replace(**over)
+    """The WMMA path's (mma=1) default source of ``v`` (16-bit tokens), ``over``
+    replacing knobs; test_frag.py covers mma=2."""
+    cfg = space.default_config(v.kind, v.D, v.Dv, v.K, v.dtype, variant=v, mma=1).replace(**over)
     space.validate(v.kind, cfg, v)
     return EMIT[v.kind](v, space.tiles_of(cfg), dict(cfg)).source
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_default_is_mma_for_16_bit(kind):
-    for dtype, want in (("f16", 1), ("bf16", 1), ("f32", 0)):
+    frag = 2 if kind in ("write", "read") else 1  # register fragments serve write and read
+    for dtype, want in (("f16", frag), ("bf16", frag), ("f32", 0)):
         assert space.default_config(kind, 64, 64, 64, dtype)["mma"] == want, (kind, dtype)
+        assert space.default_config(kind, 64, 64, 64, dtype, mma=1)["mma"] == min(want, 1)
     # the causal scan's smallest MMA tiles need more than SMEM_LIMIT at K = 256: CUDA cores
     big = Variant("scan", 256, 256, 256, "bf16", same_mixture=False, eps=1e-6)
     assert space.default_config("scan", 256, 256, 256, "bf16", variant=big)["mma"] == 0
@@ -53,9 +57,13 @@ def test_mma_refused_for_float32(kind):
 
 def test_mma_knob_values_and_tile_multiples():
     v = Variant("write", 64, 64, 64, "bf16")
-    base = space.default_config("write", 64, 64, 64, "bf16")
+    base = space.default_config("write", 64, 64, 64, "bf16", mma=1)
+    with pytest.raises(OptionError, match=r"mma=3 is not allowed; expected one of \(0, 1, 2\)"):
+        space.validate("write", base.replace(mma=3), v)
+    scan = Variant("scan", 64, 64, 64, "bf16")
     with pytest.raises(OptionError, match=r"mma=2 is not allowed; expected one of \(0, 1\)"):
-        space.validate("write", base.replace(mma=2), v)
+        space.validate("scan", space.default_config("scan", 64, 64, 64, "bf16").replace(mma=2),
+                       scan)
     for knob, value, step in (("block_n", 8, 16), ("block_dv", 8, 16), ("d_chunk", 12, 8)):
         with pytest.raises(OptionError, match=rf"{knob}={value} with mma=1: expected a multiple "
                                               rf"of {step}.*got {value}; or pass mma=0"):
@@ -173,7 +181,7 @@ def test_explicit_mma_configs_compile(kind, cfg):
         c = gmagen.Config(cfg)
         if kind == "responsibility":
             c = gmagen.Config({k: x for k, x in cfg.items() if k != "block_dv"})
-        full = space.default_config(kind, 40, 72, 24, dtype, variant=v).replace(**dict(c))
+        full = space.default_config(kind, 40, 72, 24, dtype, variant=v, mma=1).replace(**dict(c))
         space.validate(kind, full, v)
         emitted = EMIT[kind](v, space.tiles_of(full), dict(full))
         compiled = build(emitted, "sm_90")
@@ -268,7 +276,7 @@ def test_grouped_softmax():
     for kind in KINDS:
         for dtype in ("f32", "bf16"):
             v = Variant(kind, 64, 64, 64, dtype, eps=1e-6, same_mixture=False)
-            cfg = space.default_config(kind, 64, 64, 64, dtype, variant=v)
+            cfg = space.default_config(kind, 64, 64, 64, dtype, variant=v, mma=1)
             src = EMIT[kind](v, space.tiles_of(cfg), dict(cfg)).source
             t = space.tiles_of(cfg)
             assert f"constexpr int SM_TPR = {tpr(t.num_threads, t.block_n, 64)};" in src
@@ -281,7 +289,7 @@ def test_grouped_softmax():
 
 
 def test_two_blocks_per_sm():
-    """Default bf16 responsibility / write / read kernels are compiled for two blocks
+    """Default WMMA (mma=1) bf16 responsibility / write / read kernels are compiled for two blocks
     per SM (<= 128 registers at 256 threads); the causal scan and float32 kernels for one."""
     for kind, want in (("responsibility", 2), ("write", 2), ("read", 2), ("scan", 1)):
         for dtype, w in (("bf16", want), ("f32", 1)):
@@ -289,7 +297,7 @@ def test_two_blocks_per_sm():
             assert f"__launch_bounds__(THREADS, {w})" in _source(v), (kind, dtype)
             if w == 2:
                 emitted = EMIT[kind](v, space.tiles_of(space.default_config(kind, 64, 64, 64, dtype,
-                                                                            variant=v)), {})
+                                                                            variant=v, mma=1)), {})
                 res = build(emitted, "sm_90").resources[emitted.name]
                 assert res.registers <= 128 and res.spill_stores == 0, res
 

@@ -1,0 +1,163 @@
+"""gma_read_fwd with register fragments (``mma=2``, frag.py):
+row:  y_i = sum_k r_ik S_k / (sum_k r_ik n_k + eps);  slot: y_i = sum_k r_ik S_k / (n_k + eps).
+
+Block (b*h, segment, Dv block): the coefficient pieces, S (bfloat16, W: the
+weights of the slot norm reach 1/eps and S is unbounded, float16 would
+overflow) and n once; then every warp sweeps 16-token steps of the segment on
+its own (no block barrier in the token loop): its token pieces into its shared
+tile, L [16, KPAD] in registers, the softmax over k among the 4 lanes of a row,
+y = w S with w's accumulator as the A operand, y through the warp's tile to
+global memory.
+"""
+
+from __future__ import annotations
+
+from . import frag
+from .emit_write_frag import declare
+from .mixture import coefficient_params
+from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
+                      segment_range, token_base, token_params)
+
+
+def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    c = Code()
+    cov = v.q_covariance
+    params = token_params("q") + coefficient_params("mq", cov)
+    params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
+               "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
+               "long long n_sh", "long long n_sk"]
+    params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
+    blocks = 2 if 2 * (frag.smem_bytes(v, t) + 1024) <= 228 * 1024 and t.num_threads <= 256 else 1
+    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)", blocks)
+    declare(c, v, t)
+    bh_indices(c)
+    segment_range(c)
+    c("const int dv0 = blockIdx.z * BLOCK_DV;")
+    token_base(c, "q", vec=True)
+    token_base(c, "y", const=False, vec=True)
+    frag.emit_coefficients(c, "mq", cov)
+    s_at = "s_ptr[b * s_sb + h * s_sh + k * s_sk + (long long)(dv0 + j) * s_sdv]"
+    c("// the memory of (b, h): S_w [KPAD, BLOCK_DV] in W (zero outside), n_s [KPAD] (0 for k >= K)")
+    c.open("for (int idx = tid; idx < KPAD * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      f"S_w[k * VH + j] = cvt_W(k < K && dv0 + j < DV ? to_f({s_at}) : 0.f);")
+    c.close()
+    c("for (int k = tid; k < KPAD; k += THREADS) "
+      "n_s[k] = k < K ? to_f(n_ptr[b * n_sb + h * n_sh + k * n_sk]) : 0.f;")
+    c("__syncthreads();")
+    c("W_t* const tile = tok_s + warp * PER_WARP;  // this warp's token pieces, then its y tile")
+    c("T_t* const y_t = reinterpret_cast<T_t*>(tile);")
+    if cov == "spherical":
+        c("float* const xsq = xsq_s + warp * 16;")
+    c.open("for (long long n0 = start + 16 * warp; n0 < end; n0 += 16 * NWARPS)")
+    c("__syncwarp();  // the previous step's y tile is read")
+    frag.emit_token_pieces(c, v, cov, "q", "16", "n0", "tile", "16 * DH", "lane", "32",
+                           xsq="xsq" if cov == "spherical" else "")
+    c("__syncwarp();")
+    c("// logits L [16, KPAD]: rows tokens (lane / 4, + 8), columns k (2 (lane % 4), + 1)",
+      "float acc[KPAD / 8][4];",
+      "#pragma unroll",
+      "for (int nt = 0; nt < KPAD / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;")
+    frag.emit_logit_products(c, v, cov, "acc", "tile", "0", "16 * DH", "coef_s", "0", "KPAD * DH",
+                             a_is_coef=False, nt="KPAD / 8")
+    if cov == "spherical":
+        c("const float xsq0 = xsq[lane >> 2], xsq1 = xsq[(lane >> 2) + 8];")
+    c("// softmax over k: rows lane / 4 (m0) and lane / 4 + 8 (m1), among the 4 lanes of a row",
+      "float m0 = -__int_as_float(0x7f800000), m1 = m0;",
+      "#pragma unroll")
+    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
+    c("#pragma unroll")
+    c.open("for (int e = 0; e < 2; ++e)")
+    c("const int k = nt * 8 + (lane & 3) * 2 + e;")
+    if cov == "spherical":
+        c("acc[nt][e] += c_s[k] + asq_s[k] * xsq0;", "acc[nt][e + 2] += c_s[k] + asq_s[k] * xsq1;")
+    else:
+        c("acc[nt][e] += c_s[k];", "acc[nt][e + 2] += c_s[k];")
+    c("m0 = fmaxf(m0, acc[nt][e]);", "m1 = fmaxf(m1, acc[nt][e + 2]);")
+    c.close()
+    c.close()
+    c("m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));",
+      "m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));",
+      "m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));",
+      "m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));",
+      "float s0 = 0.f, s1 = 0.f;",
+      "#pragma unroll")
+    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
+    c("acc[nt][0] = exp2f(acc[nt][0] - m0); acc[nt][1] = exp2f(acc[nt][1] - m0);",
+      "acc[nt][2] = exp2f(acc[nt][2] - m1); acc[nt][3] = exp2f(acc[nt][3] - m1);",
+      "s0 += acc[nt][0] + acc[nt][1];", "s1 += acc[nt][2] + acc[nt][3];")
+    c.close()
+    c("s0 += __shfl_xor_sync(0xffffffffu, s0, 1); s0 += __shfl_xor_sync(0xffffffffu, s0, 2);",
+      "s1 += __shfl_xor_sync(0xffffffffu, s1, 1); s1 += __shfl_xor_sync(0xffffffffu, s1, 2);",
+      "const float inv0 = 1.f / s0, inv1 = 1.f / s1;")
+    if v.norm == "row":
+        c("float d0 = 0.f, d1 = 0.f;  // row norm: sum_k r_ik n_k")
+    c("#pragma unroll")
+    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
+    c("#pragma unroll")
+    c.open("for (int e = 0; e < 2; ++e)")
+    c("const int k = nt * 8 + (lane & 3) * 2 + e;",
+      "acc[nt][e] *= inv0;", "acc[nt][e + 2] *= inv1;")
+    if v.norm == "row":
+        c("d0 = fmaf(acc[nt][e], n_s[k], d0);", "d1 = fmaf(acc[nt][e + 2], n_s[k], d1);")
+    else:
+        c("// slot norm: weights r_ik / (n_k + eps); padded components stay 0",
+          "const float wk = k < K ? 1.f / (n_s[k] + EPS) : 0.f;",
+          "acc[nt][e] *= wk;", "acc[nt][e + 2] *= wk;")
+    c.close()
+    c.close()
+    if v.norm == "row":
+        c("d0 += __shfl_xor_sync(0xffffffffu, d0, 1); d0 += __shfl_xor_sync(0xffffffffu, d0, 2);",
+          "d1 += __shfl_xor_sync(0xffffffffu, d1, 1); d1 += __shfl_xor_sync(0xffffffffu, d1, 2);",
+          "const float f0 = 1.f / (d0 + EPS), f1 = 1.f / (d1 + EPS);")
+    else:
+        c("const float f0 = 1.f, f1 = 1.f;")
+    c("// y [16, BLOCK_DV] = w S: A = w from the accumulator (W), B = S_w through ldmatrix.trans",
+      "float yacc[BLOCK_DV / 8][4];",
+      "#pragma unroll",
+      "for (int nd = 0; nd < BLOCK_DV / 8; ++nd) yacc[nd][0] = yacc[nd][1] = yacc[nd][2] = "
+      "yacc[nd][3] = 0.f;",
+      "#pragma unroll")
+    c.open("for (int j = 0; j < KPAD / 16; ++j)")
+    c("const unsigned a[4] = {pack_bf16(acc[2 * j][0], acc[2 * j][1]), "
+      "pack_bf16(acc[2 * j][2], acc[2 * j][3]),",
+      "                      pack_bf16(acc[2 * j + 1][0], acc[2 * j + 1][1]), "
+      "pack_bf16(acc[2 * j + 1][2], acc[2 * j + 1][3])};",
+      "#pragma unroll")
+    c.open("for (int nd = 0; nd < BLOCK_DV / 16; ++nd)")
+    c("unsigned sb[4];",
+      "ldsm_x4_t(sb, S_w + (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * VH + nd * 16 "
+      "+ (lane >> 4) * 8);",
+      "mma_bf16(yacc[2 * nd], a, sb[0], sb[1]);",
+      "mma_bf16(yacc[2 * nd + 1], a, sb[2], sb[3]);")
+    c.close()
+    c.close()
+    c("__syncwarp();  // every lane's fragments of the token pieces are loaded: the tile is free",
+      "#pragma unroll")
+    c.open("for (int nd = 0; nd < BLOCK_DV / 8; ++nd)")
+    c("const int j = nd * 8 + (lane & 3) * 2, i = lane >> 2;",
+      "y_t[i * VH + j] = cvt_T(yacc[nd][0] * f0); y_t[i * VH + j + 1] = cvt_T(yacc[nd][1] * f0);",
+      "y_t[(i + 8) * VH + j] = cvt_T(yacc[nd][2] * f1); "
+      "y_t[(i + 8) * VH + j + 1] = cvt_T(yacc[nd][3] * f1);")
+    c.close()
+    c("__syncwarp();")
+    c.open("if (DV % 8 == 0 && y_vec)")
+    c.open("for (int idx = lane; idx < 16 * (BLOCK_DV / 8); idx += 32)")
+    c("const int i = idx / (BLOCK_DV / 8), j = (idx % (BLOCK_DV / 8)) * 8;",
+      "const long long row = n0 + i;",
+      "if (row < end && dv0 + j < DV) *reinterpret_cast<uint4*>(y_base + row * y_sn + dv0 + j) = "
+      "*reinterpret_cast<const uint4*>(y_t + i * VH + j);")
+    c.close()
+    c.close(" else {")
+    c.depth += 1
+    c.open("for (int idx = lane; idx < 16 * BLOCK_DV; idx += 32)")
+    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const long long row = n0 + i;",
+      "if (row < end && dv0 + j < DV) y_base[row * y_sn + (long long)(dv0 + j) * y_sd] = "
+      "y_t[i * VH + j];")
+    c.close()
+    c.close()
+    c.close()  # token loop
+    c.close()
+    return finish(c, "gma_read_fwd", "responsibility + slot_read over queries (register "
+                  "fragments, mma.sync)", v, t, config)

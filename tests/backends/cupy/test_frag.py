@@ -1,0 +1,221 @@
+"""The CuPy backend's register-fragment path (config knob ``mma=2``, frag.py), on
+the CPU: which piece products the logits keep and that they are as good as
+float32 (a NumPy emulation of the bfloat16 splits), the defaults and the
+validation errors, the generated source (mma.sync / ldmatrix, no WMMA), and
+NVRTC compiles of explicit configs without spills.  Numbers on the GPU:
+tests/gpu/test_cupy_cuda.py (test_fragment_configs, test_fragments_match_wmma)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy", reason="cupy is not installed: the cupy backend cannot be tested")
+
+from gmagen.backends.cupy import emit_read, emit_write, frag, space  # noqa: E402
+from gmagen.backends.cupy.launch import build  # noqa: E402
+from gmagen.backends.cupy.prelude import Tiles, Variant  # noqa: E402
+from gmagen.config import Config  # noqa: E402
+from gmagen.errors import OptionError  # noqa: E402
+
+EMIT = {"write": emit_write.emit, "read": emit_read.emit}
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even), returned as float32."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return (b & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _split(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """split_bf16 of frag.HELPERS: each piece the rounding of what is left (float32)."""
+    out, rest = [], np.asarray(x, np.float32)
+    for _ in range(n):
+        p = _bf16(rest)
+        out.append(p)
+        rest = (rest - p).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("dtype,cov,n_terms", [("bf16", "diag", 8), ("f16", "diag", 11),
+                                               ("bf16", "shared", 3), ("f16", "spherical", 5)])
+def test_kept_terms(dtype, cov, n_terms):
+    v = Variant("read", 64, 64, 64, dtype)
+    terms = frag.terms(v, cov)
+    assert len(terms) == n_terms
+    cps, tps = frag.coefficient_pieces(cov), frag.token_pieces(v, cov)
+    exps = [cps[c].exp + tps[t].exp for c, t in terms]
+    assert exps == sorted(exps) and min(exps) == -16  # the small products first
+    for c, t in terms:
+        assert {"b": "x", "a": "xx"}[cps[c].of] == tps[t].of
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_piece_products_are_float32_grade(dtype):
+    """The kept piece products of x . b + (x*x) . a, summed exactly, differ from the
+    float64 value of the float32 coefficients by < 2^-21 of sum |x b| + |x*x a|
+    (3xTF32 keeps ~2^-21 too); plain bfloat16 operands would be ~2^-8 off."""
+    rng = np.random.default_rng(5)
+    rnd = _bf16 if dtype == "bf16" else _f16
+    x = rnd(rng.normal(size=(256, 64)).astype(np.float32) * 6)
+    b = rng.normal(size=(64, 64)).astype(np.float32) * 300
+    a = -np.exp(rng.normal(size=(64, 64))).astype(np.float32) * 50
+    v = Variant("read", 64, 64, 64, dtype)
+    pieces = {}
+    for name, arr in (("b", b), ("a", a)):
+        for i, p in enumerate(_split(arr, 3)):
+            pieces[f"{name}{i + 1}"] = p.astype(np.float64)
+    xs = [x] if dtype == "bf16" else _split(x, 2)
+    xx = (x.astype(np.float32) * x).astype(np.float32)  # exact for 16-bit x
+    xxs = _split(xx, 2 if dtype == "bf16" else 3)
+    for i, p in enumerate(xs):
+        pieces[f"x{i + 1}"] = p.astype(np.float64)
+    for i, p in enumerate(xxs):
+        pieces[f"xx{i + 1}"] = p.astype(np.float64)
+    assert np.array_equal(sum(pieces[f"x{i + 1}"] for i in range(len(xs))), x)  # exact splits
+    assert np.array_equal(sum(pieces[f"xx{i + 1}"] for i in range(len(xxs))), xx)
+    cps, tps = frag.coefficient_pieces("diag"), frag.token_pieces(v, "diag")
+    got = sum(pieces[tps[t].name] @ pieces[cps[c].name].T for c, t in frag.terms(v, "diag"))
+    x64, xx64 = x.astype(np.float64), xx.astype(np.float64)
+    exact = x64 @ b.astype(np.float64).T + xx64 @ a.astype(np.float64).T
+    scale = np.abs(x64) @ np.abs(b.astype(np.float64)).T + xx64 @ np.abs(a.astype(np.float64)).T
+    assert np.max(np.abs(got - exact) / scale) < 2.0 ** -21
+    coarse = _bf16(x).astype(np.float64) @ _bf16(b).astype(np.float64).T
+    assert np.max(np.abs(coarse - x64 @ b.astype(np.float64).T)
+                  / (np.abs(x64) @ np.abs(b.astype(np.float64)).T)) > 2.0 ** -12
+
+
+def test_defaults():
+    for kind in ("write", "read"):
+        for dtype in ("bf16", "f16"):
+            cfg = space.default_config(kind, 64, 64, 64, dtype)
+            assert cfg["mma"] == 2, (kind, dtype, cfg)
+            assert not frag.problems(Variant(kind, 64, 64, 64, dtype), space.tiles_of(cfg))
+        # K > 128 or tables past the shared memory: WMMA
+        assert space.default_config(kind, 64, 64, 256, "bf16")["mma"] == 1
+        assert space.default_config(kind, 256, 256, 64, "bf16")["mma"] == 1
+    w = space.default_config("write", 64, 64, 64, "bf16")
+    assert (w["num_threads"], w["block_n"], w["block_dv"]) == (256, 64, 64)  # KW 4 x TG 2
+    s = frag.shape(Variant("write", 64, 64, 80), space.tiles_of(Config(num_threads=96)))
+    assert (s.kw, s.mk, s.kpad) == (3, 2, 96)  # K = 80: 5 tiles of 16 -> 3 warps x 2
+
+
+@pytest.mark.parametrize("kind,over,match", [
+    ("write", dict(num_threads=192), r"multiple of the 4 warps along K"),
+    ("write", dict(block_n=16), r"block_n=16 must be a multiple of 16 x 2 token groups"),
+    ("read", dict(block_n=32), r"block_n=32 must be 16 x the 4 warps"),
+    ("read", dict(block_dv=8), r"block_dv=8 with mma=2: expected a multiple of 16"),
+])
+def test_invalid_configs_name_the_knob(kind, over, match):
+    v = Variant(kind, 64, 64, 64, "bf16")
+    cfg = space.default_config(kind, 64, 64, 64, "bf16").replace(**over)
+    with pytest.raises(OptionError, match=match):
+        space.validate(kind, cfg, v)
+
+
+def test_refused_outside_its_range():
+    cfg = Config(block_n=64, block_dv=64, num_threads=128, mma=2)
+    with pytest.raises(OptionError, match=r"K=129 pads to 144 > 128"):
+        space.validate("read", cfg, Variant("read", 64, 64, 129, "bf16"))
+    with pytest.raises(OptionError, match=r"expected mma=0 for f32 tokens"):
+        space.validate("read", cfg, Variant("read", 64, 64, 64, "f32"))
+    with pytest.raises(OptionError, match=r"mma=2 is not allowed"):
+        space.validate("scan", cfg.replace(block_n=32), Variant("scan", 64, 64, 64, "bf16"))
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+def test_source_structure(kind, cov):
+    v = Variant(kind, 64, 64, 64, "bf16", q_covariance=cov, k_covariance=cov, eps=1e-6,
+                mask=kind == "write", norm="slot" if cov == "shared" else "row")
+    cfg = space.default_config(kind, 64, 64, 64, "bf16", variant=v)
+    src = EMIT[kind](v, space.tiles_of(cfg), dict(cfg)).source
+    assert "wmma" not in src and "<mma.h>" not in src and "mma=2" in src.splitlines()[3]
+    assert "// tensor cores: mma.sync on register fragments" in src
+    n_mma = len(frag.terms(v, cov))
+    body = src[src.index('extern "C"'):]
+    assert body.count("mma_bf16(acc") == 2 * n_mma  # two n-tiles per kept term
+    assert "ldsm_x4_t(" in body  # v (write) / S (read) as B through ldmatrix.trans
+    assert "c_s[k] = k < K ? mk_c[h * K + k] : -__int_as_float(0x7f800000);" in src or \
+        "c_s[k] = k < K ? mq_c[h * K + k] : -__int_as_float(0x7f800000);" in src
+    if kind == "write":
+        assert "mask_ptr[b * mask_sb + row * mask_sn] != 0" in body
+        assert "if (KW > 1) __syncthreads();" in body  # the one (max, sum) exchange
+    else:
+        assert "__syncthreads();" not in body[body.index("for (long long n0"):]  # warps alone
+        assert ("1.f / (n_s[k] + EPS)" in body) == (v.norm == "slot")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("kind,dtype,shape,cfg", [
+    ("write", "bf16", (64, 64, 64), None),
+    ("write", "f16", (20, 33, 7), dict(block_n=32, block_dv=32, num_threads=64)),
+    ("write", "bf16", (64, 64, 80), dict(block_n=16, block_dv=32, num_threads=96)),
+    ("write", "bf16", (16, 8, 1), dict(block_n=16, block_dv=16, num_threads=32)),
+    ("read", "bf16", (64, 64, 64), None),
+    ("read", "f16", (40, 72, 24), dict(block_n=128, block_dv=16, num_threads=256)),
+    ("read", "bf16", (32, 64, 128), None),
+])
+def test_compiles_without_spills(kind, dtype, shape, cfg, arch):
+    D, Dv, K = shape
+    for cov in ("diag", "spherical"):
+        v = Variant(kind, D, Dv, K, dtype, q_covariance=cov, k_covariance=cov, eps=1e-6,
+                    mask=kind == "write")
+        full = space.default_config(kind, D, Dv, K, dtype, variant=v, mma=2).replace(**(cfg or {}))
+        assert full["mma"] == 2
+        space.validate(kind, full, v)
+        emitted = EMIT[kind](v, space.tiles_of(full), dict(full))
+        res = build(emitted, arch).resources[emitted.name]
+        print(f"{kind} {dtype} D={D} Dv={Dv} K={K} {cov} {dict(full)} {arch}: "
+              f"{res.registers} registers, {res.spill_stores} B spilled")
+        assert res.spill_stores == 0 and res.spill_loads == 0, res
+
+
+def test_shared_memory_layout():
+    """Buffers are 128-byte aligned and disjoint, except the write kernel's final S, n,
+    which reuse the coefficients' memory (dead after the token loop)."""
+    for kind in ("write", "read"):
+        v = Variant(kind, 64, 64, 64, "bf16", q_covariance="spherical", k_covariance="spherical")
+        t = Tiles(block_n=64, block_dv=64, num_threads=256 if kind == "write" else 128, mma=2)
+        bufs = frag.buffers(v, t)
+        size = {"float": 4, "float2": 8}
+        spans = [(n, off, off + c * size.get(ct, 2)) for n, ct, c, off in bufs]
+        for n, lo, _ in spans:
+            assert lo % 128 == 0 or n == "n_s", n
+        for i, (n1, a0, a1) in enumerate(spans):
+            for n2, b0, b1 in spans[i + 1:]:
+                if {n1, n2} & {"S_s", "n_s"} and "coef_s" in {n1, n2} | {"S_s", "n_s"}:
+                    if {n1, n2} <= {"coef_s", "S_s", "n_s"}:
+                        continue
+                assert a1 <= b0 or b1 <= a0, (n1, n2)
+        assert frag.smem_bytes(v, t) <= space.SMEM_LIMIT
+
+
+def test_partial_wmma_config_completes_from_the_wmma_default():
+    """A config without ``mma`` whose tiles are the WMMA path's (a user's, or a cache entry
+    tuned before mma=2) is completed from the mma=1 default, not turned into an invalid
+    mma=2 config; one that fits mma=2 keeps the mma=2 default."""
+    from gmagen.adapters import checks
+    from gmagen.backends.registry import _load
+    from gmagen.ir.passes.plan import plan_program
+
+    import gmagen
+
+    program = gmagen.gma()
+    plan = plan_program(program)
+    read = next(kp for kp in plan.kernels if kp.kind == "read")
+    dims = {"B": 1, "N": 128, "H": 1, "D": 64, "Dv": 64, "K": 64, "S": 1}
+    binding = checks.Binding("numpy", ("cuda", 0), "bnhd", dims,
+                             {"T": "bf16", "P": "f32", "acc": "f32"},
+                             {i.name: "f32" for i in program.inputs}, frozenset(), ())
+    be = _load("cupy")
+    exe = be.lower(read, binding, Config(block_n=64, num_threads=256, d_chunk=16),
+                   {"arch": "sm_90"})
+    assert exe.config["mma"] == 1 and exe.config["num_threads"] == 256
+    exe = be.lower(read, binding, Config(block_dv=32), {"arch": "sm_90"})
+    assert exe.config["mma"] == 2 and exe.config["block_dv"] == 32

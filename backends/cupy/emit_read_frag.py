@@ -27,7 +27,9 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
                "long long n_sh", "long long n_sk"]
     params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
-    blocks = 2 if 2 * (frag.smem_bytes(v, t) + 1024) <= 228 * 1024 and t.num_threads <= 256 else 1
+    # two blocks per SM where sm_90's shared memory allows; <= 128 threads, so that the
+    # register cap (65536 / (2 THREADS) >= 256) costs nothing (the prefetch takes ~20)
+    blocks = 2 if 2 * (frag.smem_bytes(v, t) + 1024) <= 228 * 1024 and t.num_threads <= 128 else 1
     kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)", blocks)
     declare(c, v, t)
     bh_indices(c)
@@ -49,10 +51,20 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c("T_t* const y_t = reinterpret_cast<T_t*>(tile);")
     if cov == "spherical":
         c("float* const xsq = xsq_s + warp * 16;")
+    c("// this warp's first 16 rows into registers (vector path; see emit_fetch)",
+      "uint4 qr[XC];")
+    c.open("if (D % 8 == 0 && q_vec)")
+    frag.emit_fetch(c, "q", "16", "start + 16 * warp", "DPAD", "", "D", "qr", "XC", "lane", "32")
+    c.close()
     c.open("for (long long n0 = start + 16 * warp; n0 < end; n0 += 16 * NWARPS)")
     c("__syncwarp();  // the previous step's y tile is read")
     frag.emit_token_pieces(c, v, cov, "q", "16", "n0", "tile", "16 * DH", "lane", "32",
-                           xsq="xsq" if cov == "spherical" else "")
+                           xsq="xsq" if cov == "spherical" else "", reg="qr", count="XC",
+                           sync="__syncwarp();")
+    c("// the next step's rows: in flight during this step's products")
+    c.open("if (D % 8 == 0 && q_vec && n0 + 16 * NWARPS < end)")
+    frag.emit_fetch(c, "q", "16", "n0 + 16 * NWARPS", "DPAD", "", "D", "qr", "XC", "lane", "32")
+    c.close()
     c("__syncwarp();")
     c("// logits L [16, KPAD]: rows tokens (lane / 4, + 8), columns k (2 (lane % 4), + 1)",
       "float acc[KPAD / 8][4];",

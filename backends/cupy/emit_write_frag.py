@@ -62,17 +62,27 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
       "  for (int nd = 0; nd < BLOCK_DV / 8; ++nd)",
       "    sacc[mt][nd][0] = sacc[mt][nd][1] = sacc[mt][nd][2] = sacc[mt][nd][3] = 0.f;",
       "}")
+    c("// the first tile's k and v rows into registers (vector path; see emit_fetch)",
+      "uint4 kr[XC], vr[VC];")
+    c.open("if (D % 8 == 0 && k_vec)")
+    frag.emit_fetch(c, "k", "BLOCK_N", "start", "DPAD", "", "D", "kr", "XC", "tid", "THREADS")
+    c.close()
+    c.open("if (DV % 8 == 0 && v_vec)")
+    frag.emit_fetch(c, "v", "BLOCK_N", "start", "BLOCK_DV", "dv0 + ", "DV", "vr", "VC", "tid",
+                    "THREADS")
+    c.close()
     c.open("for (long long n0 = start; n0 < end; n0 += BLOCK_N)")
     c("__syncthreads();  // the previous tile's readers are done (and coef_s is written)")
     frag.emit_token_pieces(c, v, cov, "k", "BLOCK_N", "n0", "tok_s", "BLOCK_N * DH", "tid",
-                           "THREADS", xsq="xsq_s" if cov == "spherical" else "")
+                           "THREADS", xsq="xsq_s" if cov == "spherical" else "",
+                           reg="kr", count="XC", sync="__syncthreads();")
     c("// values: v_t [BLOCK_N, BLOCK_DV] (zeros outside)")
     c.open("if (DV % 8 == 0 && v_vec)")
-    c.open("for (int idx = tid; idx < BLOCK_N * (BLOCK_DV / 8); idx += THREADS)")
-    c("const int i = idx / (BLOCK_DV / 8), j = (idx % (BLOCK_DV / 8)) * 8;",
-      "const long long row = n0 + i;",
-      "*reinterpret_cast<uint4*>(v_t + i * VH + j) = (row < end && dv0 + j < DV) ? "
-      "*reinterpret_cast<const uint4*>(v_base + row * v_sn + dv0 + j) : make_uint4(0u, 0u, 0u, 0u);")
+    c("#pragma unroll")
+    c.open("for (int j = 0; j < VC; ++j)")
+    c("const int idx = tid + j * THREADS;",
+      "if (idx < BLOCK_N * (BLOCK_DV / 8)) *reinterpret_cast<uint4*>(v_t + (idx / (BLOCK_DV / 8)) "
+      "* VH + (idx % (BLOCK_DV / 8)) * 8) = vr[j];")
     c.close()
     c.close(" else {")
     c.depth += 1
@@ -81,6 +91,17 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
       "const long long row = n0 + i;",
       "v_t[i * VH + j] = (row < end && dv0 + j < DV) ? "
       "v_base[row * v_sn + (long long)(dv0 + j) * v_sd] : cvt_T(0.f);")
+    c.close()
+    c.close()
+    c("// the next tile's rows: in flight during this tile's products")
+    c.open("if (n0 + BLOCK_N < end)")
+    c.open("if (D % 8 == 0 && k_vec)")
+    frag.emit_fetch(c, "k", "BLOCK_N", "n0 + BLOCK_N", "DPAD", "", "D", "kr", "XC", "tid",
+                    "THREADS")
+    c.close()
+    c.open("if (DV % 8 == 0 && v_vec)")
+    frag.emit_fetch(c, "v", "BLOCK_N", "n0 + BLOCK_N", "BLOCK_DV", "dv0 + ", "DV", "vr", "VC",
+                    "tid", "THREADS")
     c.close()
     c.close()
     c("__syncthreads();")

@@ -231,11 +231,16 @@ def constants(v: Variant, t: Tiles) -> list[str]:
            f"[[maybe_unused]] constexpr int NCP = {len(coefficient_pieces(cov))};  // coefficient pieces",
            f"[[maybe_unused]] constexpr int NTP = {len(token_pieces(v, cov))};  // token pieces"]
     if v.kind == "write":
+        out += ["constexpr int XC = (BLOCK_N * (DPAD / 8) + THREADS - 1) / THREADS;  "
+                "// prefetched 16-byte vectors of k per thread",
+                "constexpr int VC = (BLOCK_N * (BLOCK_DV / 8) + THREADS - 1) / THREADS;  // of v"]
         out += [f"constexpr int KW = {s.kw};  // warps along K",
                 f"constexpr int MK = {s.mk};  // 16-row tiles of K per warp",
                 f"constexpr int TG = {s.tg};  // token groups (warps along the tile)",
                 f"constexpr int TOK = {s.tok};  // tokens per warp and tile"]
     else:
+        out.append("constexpr int XC = (16 * (DPAD / 8) + 31) / 32;  // prefetched 16-byte "
+                   "vectors of q per lane")
         out.append("constexpr int PER_WARP = %d;  // 16-bit elements of a warp's tile"
                    % (_align(max(len(token_pieces(v, cov)) * 16 * s.dh * 2,
                                  16 * (t.block_dv + 8) * 2)) // 2))
@@ -317,11 +322,33 @@ def emit_coefficients(c: Code, m: str, covariance: str, kpad_rows: str = "KPAD")
     c.close()
 
 
+def emit_fetch(c: Code, t: str, rows: str, row0: str, cols: str, col0: str, limit: str,
+               reg: str, count: str, ids: str, step: str) -> None:
+    """Prefetch: 16-byte vectors of token rows ``row0 + i`` (i < ``rows``), columns
+    ``col0 + 8 m`` (8 m < ``cols``), into registers ``reg[count]`` (work item ``ids + j
+    step``; zeros at or past ``end`` and past ``limit`` columns).  Issued before a
+    tile's products, consumed after them: the global latency hides behind the MMAs.
+    Only on the vector path (the caller guards with ``{t}_vec``)."""
+    c("#pragma unroll")
+    c.open(f"for (int j = 0; j < {count}; ++j)")
+    c(f"const int idx = {ids} + j * {step};",
+      f"const int i = idx / ({cols} / 8), d = (idx % ({cols} / 8)) * 8;",
+      f"const long long row = {row0} + i;",
+      f"{reg}[j] = (idx < {rows} * ({cols} / 8) && row < end && {col0}d < {limit}) ? "
+      f"*reinterpret_cast<const uint4*>({t}_base + row * {t}_sn + {col0}d) : "
+      "make_uint4(0u, 0u, 0u, 0u);")
+    c.close()
+
+
 def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, row0: str,
-                      tile: str, stride: str, ids: str, step: str, xsq: str = "") -> None:
+                      tile: str, stride: str, ids: str, step: str, xsq: str = "",
+                      reg: str = "", count: str = "", sync: str = "") -> None:
     """Token rows ``row0 + i`` (i < ``rows``; zeros at or past ``end`` and in columns
     >= D) into the pieces of ``tile`` (piece p at ``tile + p * stride``, row stride DH);
-    work items ``ids`` .. by ``step``.  Spherical: ``xsq`` [rows] = |x|^2 (float32)."""
+    work items ``ids`` .. by ``step``.  The vector path (``{t}_vec``, D % 8 == 0) takes
+    the rows from the registers ``reg[count]`` that emit_fetch filled.  Spherical:
+    ``xsq`` [rows] = |x|^2 (float32), after ``sync`` (the barrier that publishes the
+    pieces written by other threads)."""
     tps = token_pieces(v, covariance)
     xs = [p for p in tps if p.of == "x"]
     xxs = [p for p in tps if p.of == "xx"]
@@ -343,11 +370,13 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
     c(f"// {t} rows -> bfloat16 pieces " + ", ".join(p.name for p in tps)
       + " (exact splits; zeros outside)")
     c.open(f"if (D % 8 == 0 && {t}_vec)")
-    c.open(f"for (int idx = {ids}; idx < {rows} * (DPAD / 8); idx += {step})")
-    c("const int i = idx / (DPAD / 8), d = (idx % (DPAD / 8)) * 8;",
-      f"const long long row = {row0} + i;",
-      "float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};",
-      f"if (row < end && d < D) unpack8(*reinterpret_cast<const uint4*>({t}_base + row * {t}_sn + d), f);",
+    c("#pragma unroll")
+    c.open(f"for (int j = 0; j < {count}; ++j)")
+    c(f"const int idx = {ids} + j * {step};",
+      f"if (idx >= {rows} * (DPAD / 8)) break;",
+      "const int i = idx / (DPAD / 8), d = (idx % (DPAD / 8)) * 8;",
+      "float f[8];",
+      f"unpack8({reg}[j], f);  // zeros outside (emit_fetch)",
       "#pragma unroll")
     c.open("for (int e = 0; e < 8; ++e)")
     for line in store("i", "d + e", "f[e]"):
@@ -365,6 +394,7 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
     c.close()
     c.close()
     if xsq:
+        c(f"{sync}  // the pieces of every row are written")
         c(f"// |x|^2 per row (spherical), from the exact bfloat16 pieces")
         c.open(f"for (int i = {ids}; i < {rows}; i += {step})")
         c("float s = 0.f;")

@@ -125,9 +125,9 @@ def _fragments(kind: str, Dv: int, v: Variant) -> dict | None:
         if not frag.problems(v, t) and smem_bytes(v, t) <= SMEM_LIMIT:
             return cfg
         warps = cfg["num_threads"] // 32
-        if kind == "write" and warps > probe.kw and warps > 2:  # fewer token groups
-            cfg["num_threads"] -= 32 * probe.kw
-            cfg["block_n"] = cfg["block_n"] // (warps // probe.kw) * (warps // probe.kw - 1)
+        if kind == "write" and warps // probe.kw > 1 and warps > 2:  # half the token groups
+            cfg["num_threads"] //= 2
+            cfg["block_n"] //= 2
         elif kind == "read" and warps > 2:  # one warp alone hides no latency: mma=1 then
             cfg["num_threads"] //= 2
             cfg["block_n"] //= 2

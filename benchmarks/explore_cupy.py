@@ -1,0 +1,78 @@
+"""Explore CuPy register-fragment (mma=2) tile configs at the benchmark shape on one GPU.
+
+Times the bidirectional forward (write + reduce + read) with one kernel's config
+changed at a time, as METHOD.md says: CUDA events, warm-up, median of repeats,
+two input sets rotated (each larger than L2).  Prints one line per config and
+writes the records (JSON) to the path given.
+
+    python benchmarks/explore_cupy.py 65536 out.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import torch
+
+import gmagen
+
+B, H, D, DV, K = 4, 16, 64, 64, 64
+CONFIGS = {
+    "gma_write": [dict(num_threads=256, block_n=64), dict(num_threads=128, block_n=32),
+                  dict(num_threads=128, block_n=64), dict(num_threads=256, block_n=32)],
+    "gma_read": [dict(num_threads=128, block_n=64), dict(num_threads=64, block_n=32)],
+}
+
+
+def inputs(n: int, seed: int) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    tok = [torch.randn(B, n, H, d, device="cuda", generator=g).bfloat16() for d in (D, D, DV)]
+    mix = [torch.randn(H, K, D, device="cuda", generator=g) * 0.5,
+           torch.randn(H, K, D, device="cuda", generator=g) * 0.1,
+           torch.randn(H, K, device="cuda", generator=g) * 0.1]
+    return (*tok, *mix)
+
+
+def time_ms(fn, sets: list, reps: int = 15) -> float:
+    for s in sets:
+        fn(*s)
+    torch.cuda.synchronize()
+    out = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*sets[i % len(sets)])
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+    sets = [inputs(n, 1), inputs(n, 2)]
+    ref = gmagen.compile(gmagen.gma(), backend="cupy", autotune="off")
+    y0 = ref(*sets[0]).float()
+    base = time_ms(ref, sets)
+    rows = [{"kernel": "default", "config": str(ref.config), "ms": base, "N": n}]
+    print(f"default {ref.config}: {base:.3f} ms", flush=True)
+    for name, configs in CONFIGS.items():
+        for cfg in configs:
+            try:
+                kern = gmagen.compile(gmagen.gma(), backend="cupy", config={name: {**cfg, "mma": 2}})
+                y = kern(*sets[0]).float()
+                gap = float((y - y0).norm() / y0.norm())
+                ms = time_ms(kern, sets)
+            except gmagen.errors.GMAError as exc:
+                print(f"{name} {cfg}: {exc}", flush=True)
+                continue
+            rows.append({"kernel": name, "config": cfg, "ms": ms, "gap_vs_default": gap, "N": n})
+            print(f"{name} {cfg}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
+    if len(sys.argv) > 2:
+        json.dump(rows, open(sys.argv[2], "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -172,15 +172,18 @@ class CupyBackend(Backend):
 
 
 def _fits(kind: str, config: Config, binding: Any) -> bool:
-    """Whether ``config`` is a valid mma=2 config of ``kind`` at this specialization."""
-    from . import frag, space
+    """Whether ``config`` is a valid config of ``kind`` at this specialization."""
+    from . import space
     from .prelude import Variant
 
     dims = binding.dims
     K = dims.get("K", 64)
-    v = Variant(kind, dims.get("D", 64), dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
-    t = space.tiles_of(config)
-    return not frag.problems(v, t) and space.smem_bytes(v, t) <= space.SMEM_LIMIT
+    try:
+        space.validate(kind, config, Variant(kind, dims.get("D", 64), dims.get("Dv", K), K,
+                                             binding.dtypes.get("T", "f32")))
+    except OptionError:
+        return False
+    return True
 
 
 def _device_arch(device: int) -> str:

@@ -20,6 +20,15 @@ from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_
                       segment_range, smem_declare, store_y_tile, token_base, token_params)
 
 
+def kernel_params(v: Variant) -> list[str]:
+    """gma_read_fwd's parameters (lower.py passes them by name), for every path."""
+    params = token_params("q") + coefficient_params("mq", v.q_covariance)
+    params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
+               "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
+               "long long n_sh", "long long n_sk"]
+    return params + token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
+
+
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     if t.mma == 2:  # register fragments (frag.py)
         from . import emit_read_frag
@@ -27,12 +36,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
         return emit_read_frag.emit(v, t, config)
     c = Code()
     mma = bool(t.mma)
-    params = token_params("q") + coefficient_params("mq", v.q_covariance)
-    params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
-               "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
-               "long long n_sh", "long long n_sk"]
-    params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
-    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
+    kernel_open(c, "gma_read_fwd", kernel_params(v), "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)

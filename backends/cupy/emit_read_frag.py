@@ -13,25 +13,19 @@ global memory.
 from __future__ import annotations
 
 from . import frag
-from .emit_write_frag import declare
-from .mixture import coefficient_params
+from .emit_read import kernel_params
 from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
-                      segment_range, token_base, token_params)
+                      segment_range, token_base)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c = Code()
     cov = v.q_covariance
-    params = token_params("q") + coefficient_params("mq", cov)
-    params += ["const A_t* __restrict__ s_ptr", "long long s_sb", "long long s_sh", "long long s_sk",
-               "long long s_sdv", "const A_t* __restrict__ n_ptr", "long long n_sb",
-               "long long n_sh", "long long n_sk"]
-    params += token_params("y", const=False) + ["long long N", "int H", "long long SEG"]
     # two blocks per SM where sm_90's shared memory allows; <= 128 threads, so that the
     # register cap (65536 / (2 THREADS) >= 256) costs nothing (the prefetch takes ~20)
     blocks = 2 if 2 * (frag.smem_bytes(v, t) + 1024) <= 228 * 1024 and t.num_threads <= 128 else 1
-    kernel_open(c, "gma_read_fwd", params, "(B*H, segments, Dv blocks)", blocks)
-    declare(c, v, t)
+    kernel_open(c, "gma_read_fwd", kernel_params(v), "(B*H, segments, Dv blocks)", blocks)
+    frag.declare(c, v, t)
     bh_indices(c)
     segment_range(c)
     c("const int dv0 = blockIdx.z * BLOCK_DV;")

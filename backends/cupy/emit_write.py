@@ -20,20 +20,25 @@ from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, fi
                       state_update, state_zero, token_base, token_params)
 
 
+def kernel_params(v: Variant) -> list[str]:
+    """gma_write_fwd's parameters (lower.py passes them by name), for every path."""
+    params = token_params("k") + token_params("v")
+    if v.mask:
+        params += MASK_PARAMS
+    params += coefficient_params("mk", v.k_covariance)
+    return params + ["float* __restrict__ s_ptr", "long long s_sp", "long long s_sbh",
+                     "long long s_sk", "long long s_sdv", "float* __restrict__ n_ptr",
+                     "long long n_sp", "long long n_sbh", "long long n_sk", "long long N", "int H",
+                     "long long SEG"]
+
+
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     if t.mma == 2:  # register fragments (frag.py)
         from . import emit_write_frag
 
         return emit_write_frag.emit(v, t, config)
     c = Code()
-    params = token_params("k") + token_params("v")
-    if v.mask:
-        params += MASK_PARAMS
-    params += coefficient_params("mk", v.k_covariance)
-    params += ["float* __restrict__ s_ptr", "long long s_sp", "long long s_sbh", "long long s_sk",
-               "long long s_sdv", "float* __restrict__ n_ptr", "long long n_sp", "long long n_sbh",
-               "long long n_sk", "long long N", "int H", "long long SEG"]
-    kernel_open(c, "gma_write_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
+    kernel_open(c, "gma_write_fwd", kernel_params(v), "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)

@@ -13,37 +13,22 @@ are added in shared memory at the end, tg = 0, 1, ... in turn.
 from __future__ import annotations
 
 from . import frag
-from .mixture import coefficient_params
-from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
-                      segment_range, state_store, token_base, token_params)
-
-
-def declare(c: Code, v: Variant, t: Tiles) -> None:
-    c("extern __shared__ __align__(128) unsigned char smem_raw[];")
-    for name, ctype, count, off in frag.buffers(v, t):
-        c(f"{ctype}* const {name} = reinterpret_cast<{ctype}*>(smem_raw + {off});  "
-          f"// {count} x {ctype}")
-    c("const int tid = threadIdx.x;", "const int lane = tid & 31;", "const int warp = tid >> 5;")
+from .emit_write import kernel_params
+from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
+                      segment_range, state_store, token_base, v_tile_scalar)
 
 
 def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c = Code()
     cov = v.k_covariance
     mma_T, pack_T = frag._mma_T(v)
-    params = token_params("k") + token_params("v")
-    if v.mask:
-        params += MASK_PARAMS
-    params += coefficient_params("mk", cov)
-    params += ["float* __restrict__ s_ptr", "long long s_sp", "long long s_sbh", "long long s_sk",
-               "long long s_sdv", "float* __restrict__ n_ptr", "long long n_sp", "long long n_sbh",
-               "long long n_sk", "long long N", "int H", "long long SEG"]
     s = frag.shape(v, t)
     # one block per SM in the launch bounds (no register cap below 255): under the cap of
     # two 256-thread blocks (128) ptxas (CUDA 13) spills 8-64 bytes, depending on the
     # variant and arch; at ~170 registers an SM still runs 8 warps of this kernel
     blocks = 1
-    kernel_open(c, "gma_write_fwd", params, "(B*H, segments, Dv blocks)", blocks)
-    declare(c, v, t)
+    kernel_open(c, "gma_write_fwd", kernel_params(v), "(B*H, segments, Dv blocks)", blocks)
+    frag.declare(c, v, t)
     c("const int kw = warp % KW, tg = warp / KW;  // K rows 16 MK kw.., tokens TOK tg.. of a tile",
       "const int krow0 = kw * MK * 16, tok0 = tg * TOK;")
     bh_indices(c)
@@ -86,12 +71,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c.close()
     c.close(" else {")
     c.depth += 1
-    c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
-    c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const long long row = n0 + i;",
-      "v_t[i * VH + j] = (row < end && dv0 + j < DV) ? "
-      "v_base[row * v_sn + (long long)(dv0 + j) * v_sd] : cvt_T(0.f);")
-    c.close()
+    v_tile_scalar(c, "VH")
     c.close()
     c("// the next tile's rows: in flight during this tile's products")
     c.open("if (n0 + BLOCK_N < end)")

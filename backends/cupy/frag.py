@@ -247,6 +247,15 @@ def constants(v: Variant, t: Tiles) -> list[str]:
     return out
 
 
+def declare(c: Code, v: Variant, t: Tiles) -> None:
+    """The kernel's shared buffers (``buffers``) and its thread indices."""
+    c("extern __shared__ __align__(128) unsigned char smem_raw[];")
+    for name, ctype, count, off in buffers(v, t):
+        c(f"{ctype}* const {name} = reinterpret_cast<{ctype}*>(smem_raw + {off});  "
+          f"// {count} x {ctype}")
+    c("const int tid = threadIdx.x;", "const int lane = tid & 31;", "const int warp = tid >> 5;")
+
+
 HELPERS = r"""
 // mma.sync / ldmatrix (PTX, sm_80+): fragments of m16n8k16 (16-bit A, B; float32 C)
 GMA_DEVICE unsigned smem_u32(const void* p) {

@@ -392,15 +392,21 @@ def load_v_tile(c: Code, mma: bool = False, wide: bool = False) -> None:
     c.close()
     c.close(" else {")
     c.depth += 1
+    v_tile_scalar(c, "BDH", wide)
+    c.close()
+
+
+def v_tile_scalar(c: Code, stride: str, wide: bool = False) -> None:
+    """The scalar path of a 16-bit v tile: ``v_t`` [BLOCK_N, BLOCK_DV] (row stride
+    ``stride``) one token at a time, any strides, zeros outside (and ``v_w`` in W)."""
     c.open("for (int idx = tid; idx < BLOCK_N * BLOCK_DV; idx += THREADS)")
     c("const int i = idx / BLOCK_DV, j = idx % BLOCK_DV;",
       "const long long row = n0 + i;",
       "const T_t x = (row < end && dv0 + j < DV) ? "
       "v_base[row * v_sn + (long long)(dv0 + j) * v_sd] : cvt_T(0.f);",
-      "v_t[i * BDH + j] = x;")
+      f"v_t[i * {stride} + j] = x;")
     if wide:
-        c("v_w[i * BDH + j] = cvt_W(to_f(x));")
-    c.close()
+        c(f"v_w[i * {stride} + j] = cvt_W(to_f(x));")
     c.close()
 
 

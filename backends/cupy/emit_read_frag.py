@@ -66,36 +66,8 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
       "for (int nt = 0; nt < KPAD / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;")
     frag.emit_logit_products(c, v, cov, "acc", "tile", "0", "16 * DH", "coef_s", "0", "KPAD * DH",
                              a_is_coef=False, nt="KPAD / 8")
-    if cov == "spherical":
-        c("const float xsq0 = xsq[lane >> 2], xsq1 = xsq[(lane >> 2) + 8];")
-    c("// softmax over k: rows lane / 4 (m0) and lane / 4 + 8 (m1), among the 4 lanes of a row",
-      "float m0 = -__int_as_float(0x7f800000), m1 = m0;",
-      "#pragma unroll")
-    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
-    c("#pragma unroll")
-    c.open("for (int e = 0; e < 2; ++e)")
-    c("const int k = nt * 8 + (lane & 3) * 2 + e;")
-    if cov == "spherical":
-        c("acc[nt][e] += c_s[k] + asq_s[k] * xsq0;", "acc[nt][e + 2] += c_s[k] + asq_s[k] * xsq1;")
-    else:
-        c("acc[nt][e] += c_s[k];", "acc[nt][e + 2] += c_s[k];")
-    c("m0 = fmaxf(m0, acc[nt][e]);", "m1 = fmaxf(m1, acc[nt][e + 2]);")
-    c.close()
-    c.close()
-    c("m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));",
-      "m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));",
-      "m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));",
-      "m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));",
-      "float s0 = 0.f, s1 = 0.f;",
-      "#pragma unroll")
-    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
-    c("acc[nt][0] = exp2f(acc[nt][0] - m0); acc[nt][1] = exp2f(acc[nt][1] - m0);",
-      "acc[nt][2] = exp2f(acc[nt][2] - m1); acc[nt][3] = exp2f(acc[nt][3] - m1);",
-      "s0 += acc[nt][0] + acc[nt][1];", "s1 += acc[nt][2] + acc[nt][3];")
-    c.close()
-    c("s0 += __shfl_xor_sync(0xffffffffu, s0, 1); s0 += __shfl_xor_sync(0xffffffffu, s0, 2);",
-      "s1 += __shfl_xor_sync(0xffffffffu, s1, 1); s1 += __shfl_xor_sync(0xffffffffu, s1, 2);",
-      "const float inv0 = 1.f / s0, inv1 = 1.f / s1;")
+    frag.emit_row_softmax(c, "acc", "c_s", "asq_s" if cov == "spherical" else "",
+                          "xsq" if cov == "spherical" else "")
     if v.norm == "row":
         c("float d0 = 0.f, d1 = 0.f;  // row norm: sum_k r_ik n_k")
     c("#pragma unroll")

@@ -7,8 +7,8 @@ products' accumulators in registers with ``mma.sync.m16n8k16`` and loads the
 operands with ``ldmatrix``, so that the logits, the softmax over k and the
 responsibilities that feed the next product never leave the registers (the
 layout flash-attention uses: an accumulator fragment of one MMA is, converted
-to 16 bits, the A fragment of the next).  It serves gma_write_fwd and
-gma_read_fwd for 16-bit tokens and K <= 128.
+to 16 bits, the A fragment of the next).  It serves gma_write_fwd,
+gma_read_fwd and gma_scan_fwd for 16-bit tokens and K <= 128.
 
 Logits in bfloat16 pieces.  The expanded logits cancel (mixture.py), so they need
 ~float32 products; the Triton backend uses 3xTF32.  Here every operand is split
@@ -42,6 +42,14 @@ softmax over k within the warp (shuffles over the 4 lanes of a row), and
 y = w S with w's accumulator as the A operand and S (bfloat16, once per block)
 as B through ``ldmatrix.trans``.  y goes through the warp's shared tile (its
 token pieces are dead by then) to 16-byte stores.
+
+scan (gma_scan_fwd, emit_scan_frag.py): every warp owns 16 tokens of a chunk
+of 16 NWARPS; it computes rk and rq of its tokens like read (the pieces of its
+raw token tile built in registers from the ldmatrix fragments, so that the
+tile holds x alone), publishes rk (16 bits) and its column sums, and after one
+barrier computes its rows of the intra-chunk product and y; the state S [KPAD,
+BLOCK_DV] stays in float32 registers across chunks, its 16-row tiles split
+among the warps (MS per warp), with a 16-bit copy in shared memory for rq . S.
 
 Shared memory: coefficient pieces [KPAD, DH] (DH = DPAD + 8 16-bit elements, so
 that the 8 rows of an ``ldmatrix`` fall in different banks), split once per
@@ -112,7 +120,7 @@ class Shape:
     kpad: int   # K padded to KW * MK * 16 (write) or 16 (read)
     dpad: int
     kw: int     # write: warps along K
-    mk: int     # write: 16-row tiles of K per warp
+    mk: int     # write: 16-row tiles of K per warp; scan: of the state S per warp
     tg: int     # write: token groups
     tok: int    # write: tokens per warp and tile
 
@@ -129,14 +137,28 @@ def shape(v: Variant, t: Tiles) -> Shape:
     if v.kind == "write":
         tg = max(1, warps // kw)
         return Shape(kw * mk * 16, pad16(v.D), kw, mk, tg, t.block_n // tg)
+    if v.kind == "scan":
+        return Shape(pad16(v.K), pad16(v.D), 1, -(-tiles // max(1, warps)), warps, 16)
     return Shape(pad16(v.K), pad16(v.D), 1, 1, warps, 16)
+
+
+def scan_registers(v: Variant, t: Tiles) -> int:
+    """Accumulator registers per thread of the scan kernel: rq (and, slot norm, the
+    prefix of rk beside it; row norm: rk dies before rq), the chunk's affinities,
+    y, and the thread's part of S."""
+    s = shape(v, t)
+    return (s.kpad // 2 * (2 if v.norm == "slot" else 1) + t.block_n // 2 + t.block_dv // 2
+            + s.mk * t.block_dv // 2)
+
+
+SCAN_REGISTERS = 160  # past this ptxas spills at 2 blocks of 128 threads (255 registers)
 
 
 def problems(v: Variant, t: Tiles) -> list[str]:
     """Why ``t`` cannot run ``v`` with mma=2 (empty when it can)."""
     out = []
-    if v.kind not in ("write", "read"):
-        out.append(f"mma=2 serves the write and read kernels, not {v.kind}")
+    if v.kind not in ("write", "read", "scan"):
+        out.append(f"mma=2 serves the write, read and scan kernels, not {v.kind}")
         return out
     if v.dtype not in ("f16", "bf16"):
         out.append(f"mma=2 needs float16/bfloat16 tokens, got {v.dtype}")
@@ -158,6 +180,17 @@ def problems(v: Variant, t: Tiles) -> list[str]:
             out.append(f"block_dv={t.block_dv}, block_n={t.block_n}: "
                        f"{s.mk * (t.block_dv + s.tok) // 2} accumulator registers per thread, "
                        f"at most 128")
+    elif v.kind == "scan":
+        if t.block_n != 16 * warps:
+            out.append(f"block_n={t.block_n} must be 16 x the {warps} warps (each warp owns 16 "
+                       f"tokens of a chunk)")
+        if v.norm == "slot" and v.dtype == "f16":
+            out.append("the slot norm's weights need bfloat16 copies of rk and v beside the "
+                       "float16 ones (mma=1 keeps them)")
+        if scan_registers(v, t) > SCAN_REGISTERS:
+            out.append(f"K={v.K}, block_n={t.block_n}, block_dv={t.block_dv}: "
+                       f"{scan_registers(v, t)} accumulator registers per thread, at most "
+                       f"{SCAN_REGISTERS}")
     else:
         if t.block_n != 16 * warps:
             out.append(f"block_n={t.block_n} must be 16 x the {warps} warps (each warp reads "
@@ -165,6 +198,14 @@ def problems(v: Variant, t: Tiles) -> list[str]:
         if (s.kpad + t.block_dv) // 2 > 128:
             out.append(f"K={v.K}, block_dv={t.block_dv}: too many accumulator registers")
     return out
+
+
+def scan_mixtures(v: Variant) -> list[tuple[str, str, str]]:
+    """(parameter prefix, covariance, buffer suffix) of the scan's mixtures: one for
+    queries and keys, or the queries' and the keys' own."""
+    if v.same_mixture:
+        return [("m", v.q_covariance, "")]
+    return [("mq", v.q_covariance, "q"), ("mk", v.k_covariance, "k")]
 
 
 def _align(x: int) -> int:
@@ -200,6 +241,28 @@ def buffers(v: Variant, t: Tiles) -> list[tuple[str, str, int, int]]:
         if cov == "spherical":
             add("asq_s", "float", s.kpad, 4)
             add("xsq_s", "float", t.block_n, 4)
+    elif v.kind == "scan":
+        warps = t.num_threads // 32
+        for _, mcov, sfx in scan_mixtures(v):
+            add(f"coef{sfx}_s", "W_t", len(coefficient_pieces(mcov)) * s.kpad * s.dh, 2)
+            add(f"c{sfx}_s", "float", s.kpad, 4)
+            if mcov == "spherical":
+                add(f"asq{sfx}_s", "float", s.kpad, 4)
+        add("S_w", "W_t", s.kpad * vh, 2)
+        add("n_s", "float", s.kpad, 4)
+        add("nred_s", "float", warps * s.kpad, 4)
+        if any(mcov == "spherical" for _, mcov, _ in scan_mixtures(v)):
+            add("xsq_s", "float", 16 * warps, 4)
+        # the chunk's tiles; the float state S_s (entering the first chunk, leaving the
+        # last) where they are, outside the chunk loop
+        per_warp = _align(max(16 * s.dh * 2, 16 * vh * 2))
+        kh = s.kpad + 8
+        tiles = warps * per_warp + _align(t.block_n * kh * 2) + _align(t.block_n * vh * 2)
+        out.append(("S_s", "float", s.kpad * (t.block_dv + 4), at))
+        out.append(("tok_s", "T_t", warps * per_warp // 2, at))
+        out.append(("rk_t", "T_t", t.block_n * kh, at + warps * per_warp))
+        out.append(("v_t", "T_t", t.block_n * vh, at + warps * per_warp + _align(t.block_n * kh * 2)))
+        at += _align(max(tiles, s.kpad * (t.block_dv + 4) * 4))
     else:
         warps = t.num_threads // 32
         add("coef_s", "W_t", ncp * s.kpad * s.dh, 2)
@@ -238,6 +301,11 @@ def constants(v: Variant, t: Tiles) -> list[str]:
                 f"constexpr int MK = {s.mk};  // 16-row tiles of K per warp",
                 f"constexpr int TG = {s.tg};  // token groups (warps along the tile)",
                 f"constexpr int TOK = {s.tok};  // tokens per warp and tile"]
+    elif v.kind == "scan":
+        out += [f"constexpr int MS = {s.mk};  // 16-row tiles of the state S per warp",
+                "constexpr int KH = KPAD + 8;  // row stride (16-bit) of the rk tile",
+                "constexpr int PER_WARP = %d;  // 16-bit elements of a warp's token / y tile"
+                % (_align(max(16 * s.dh * 2, 16 * (t.block_dv + 8) * 2)) // 2)]
     else:
         out.append("constexpr int XC = (16 * (DPAD / 8) + 31) / 32;  // prefetched 16-byte "
                    "vectors of q per lane")
@@ -289,6 +357,16 @@ GMA_DEVICE unsigned pack_f16(float lo, float hi) {
   __half2 p = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&p);
 }
+// two 16-bit tokens of a fragment register as floats (the lower column first), and
+// two bfloat16 pieces into one register
+GMA_DEVICE float2 unpack_T2(unsigned u) {
+  const T_t* p = reinterpret_cast<const T_t*>(&u);
+  return make_float2(to_f(p[0]), to_f(p[1]));
+}
+GMA_DEVICE unsigned pack_w2(W_t lo, W_t hi) {
+  return static_cast<unsigned>(__bfloat16_as_ushort(lo))
+         | (static_cast<unsigned>(__bfloat16_as_ushort(hi)) << 16);
+}
 // x = p[0] + p[1] + ... in bfloat16 pieces (each the rounding of what is left)
 template <int NP> GMA_DEVICE void split_bf16(float x, W_t (&p)[NP]) {
 #pragma unroll
@@ -307,9 +385,11 @@ def _mma_T(v: Variant) -> tuple[str, str]:
     return ("mma_bf16", "pack_bf16") if v.dtype == "bf16" else ("mma_f16", "pack_f16")
 
 
-def emit_coefficients(c: Code, m: str, covariance: str, kpad_rows: str = "KPAD") -> None:
+def emit_coefficients(c: Code, m: str, covariance: str, kpad_rows: str = "KPAD",
+                      sfx: str = "") -> None:
     """coef_s: head h's a and b split into bfloat16 pieces [NCP][KPAD][DH] (zero outside
-    K x D); c_s (and asq_s) [KPAD] with -inf (0) for the padded components."""
+    K x D); c_s (and asq_s) [KPAD] with -inf (0) for the padded components (``sfx``:
+    the buffers coef{sfx}_s, c{sfx}_s, asq{sfx}_s of a scan with two mixtures)."""
     cps = coefficient_pieces(covariance)
     c("// coefficients of head h (gma_coefficients' float32 tables) in bfloat16 pieces:",
       "// coef_s[piece][k][d]; zero for k >= K or d >= D")
@@ -321,13 +401,13 @@ def emit_coefficients(c: Code, m: str, covariance: str, kpad_rows: str = "KPAD")
         base = next(i for i, p in enumerate(cps) if p.of == table)
         c(f"W_t {table}p[3];", f"split_bf16(ok ? {m}_{table}[at] : 0.f, {table}p);")
         for j in range(3):
-            c(f"coef_s[({base + j} * KPAD + k) * DH + d] = {table}p[{j}];")
+            c(f"coef{sfx}_s[({base + j} * KPAD + k) * DH + d] = {table}p[{j}];")
     c.close()
     c.open("for (int k = tid; k < KPAD; k += THREADS)")
-    c(f"c_s[k] = k < K ? {m}_c[h * K + k] : -__int_as_float(0x7f800000);  "
+    c(f"c{sfx}_s[k] = k < K ? {m}_c[h * K + k] : -__int_as_float(0x7f800000);  "
       "// padded: -inf, r = 0")
     if covariance == "spherical":
-        c(f"asq_s[k] = k < K ? {m}_asq[h * K + k] : 0.f;")
+        c(f"asq{sfx}_s[k] = k < K ? {m}_asq[h * K + k] : 0.f;")
     c.close()
 
 
@@ -419,11 +499,12 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
 
 def emit_logit_products(c: Code, v: Variant, covariance: str, acc: str, a_tile: str,
                         a_row: str, a_stride: str, b_tile: str, b_row: str, b_stride: str,
-                        a_is_coef: bool, nt: str) -> None:
+                        a_is_coef: bool, nt: str, a_raw: bool = False) -> None:
     """``acc[nt][4]`` (+)= sum of the kept piece products over DPAD: A fragments from
     ``a_tile`` (16 rows at ``a_row``, piece p at + p * a_stride), B fragments (n-tile pairs,
     rows ``b_row`` + 16 j) from ``b_tile``.  ``a_is_coef``: the coefficient pieces are A
-    (write: L^T) or B (read: L)."""
+    (write: L^T) or B (read: L).  ``a_raw`` (scan): ``a_tile`` holds the tokens
+    themselves (T) and their pieces are split from the loaded fragment in registers."""
     tl = terms(v, covariance)
     na = len(coefficient_pieces(covariance)) if a_is_coef else len(token_pieces(v, covariance))
     nb = len(token_pieces(v, covariance)) if a_is_coef else len(coefficient_pieces(covariance))
@@ -431,9 +512,12 @@ def emit_logit_products(c: Code, v: Variant, covariance: str, acc: str, a_tile: 
     c("#pragma unroll 1")
     c.open("for (int ks = 0; ks < DPAD / 16; ++ks)")
     c(f"unsigned af[{na}][4];  // A fragments: rows lane % 16, columns (lane / 16) * 8")
-    c("#pragma unroll")
-    c(f"for (int p = 0; p < {na}; ++p) ldsm_x4(af[p], {a_tile} + p * {a_stride} + "
-      f"({a_row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);")
+    if a_raw:
+        _raw_token_fragments(c, v, covariance, a_tile, a_row)
+    else:
+        c("#pragma unroll")
+        c(f"for (int p = 0; p < {na}; ++p) ldsm_x4(af[p], {a_tile} + p * {a_stride} + "
+          f"({a_row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);")
     c("#pragma unroll")
     c.open(f"for (int j = 0; j < {nt} / 2; ++j)")
     c(f"unsigned bf[{nb}][4];  // B fragments of n-tiles 2j, 2j + 1")
@@ -446,3 +530,72 @@ def emit_logit_products(c: Code, v: Variant, covariance: str, acc: str, a_tile: 
           f"mma_bf16({acc}[2 * j + 1], af[{ai}], bf[{bi}][2], bf[{bi}][3]);")
     c.close()
     c.close()
+
+
+def _raw_token_fragments(c: Code, v: Variant, covariance: str, tile: str, row: str) -> None:
+    """af[piece][4]: the token pieces (token_pieces) of one A fragment, split in
+    registers from the raw tokens' fragment (the same exact splits as
+    emit_token_pieces: a register holds two columns, each split alone)."""
+    tps = token_pieces(v, covariance)
+    c("unsigned xr[4];  // the tokens (T) of this fragment",
+      f"ldsm_x4(xr, {tile} + ({row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);",
+      "#pragma unroll")
+    c.open("for (int r = 0; r < 4; ++r)")
+    c("const float2 f = unpack_T2(xr[r]);")
+    for of, val in (("x", "f.{}"), ("xx", "f.{0} * f.{0}")):
+        ps = [p for p in tps if p.of == of]
+        if not ps:
+            continue
+        if of == "x" and v.dtype == "bf16":
+            c(f"af[{tps.index(ps[0])}][r] = xr[r];  // bfloat16 tokens are their own piece")
+            continue
+        n = len(ps)
+        c("{", f"  W_t lo[{n}], hi[{n}];",
+          f"  split_bf16({val.format('x')}, lo);", f"  split_bf16({val.format('y')}, hi);")
+        for j, p in enumerate(ps):
+            c(f"  af[{tps.index(p)}][r] = pack_w2(lo[{j}], hi[{j}]);")
+        c("}")
+    c.close()
+
+
+def emit_row_softmax(c: Code, acc: str, cs: str, asq: str = "", xsq: str = "",
+                     p: str = "") -> None:
+    """Logits ``acc[KPAD / 8][4]`` of 16 token rows (lane / 4 and lane / 4 + 8, the
+    columns k among the 4 lanes of a row) + ``cs[k]`` (spherical: + ``asq[k]`` times
+    the row's ``xsq``) -> exp2(l - row max) in place; ``{p}inv0``, ``{p}inv1``: one
+    over the two rows' sums (the caller scales)."""
+    m0, m1, s0, s1 = (f"{p}{n}" for n in ("m0", "m1", "s0", "s1"))
+    if xsq:
+        c(f"const float {p}xsq0 = {xsq}[lane >> 2], {p}xsq1 = {xsq}[(lane >> 2) + 8];")
+    c(f"// softmax over k: rows lane / 4 ({m0}) and lane / 4 + 8 ({m1}), among the 4 lanes "
+      "of a row",
+      f"float {m0} = -__int_as_float(0x7f800000), {m1} = {m0};",
+      "#pragma unroll")
+    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
+    c("#pragma unroll")
+    c.open("for (int e = 0; e < 2; ++e)")
+    c("const int k = nt * 8 + (lane & 3) * 2 + e;")
+    if xsq:
+        c(f"{acc}[nt][e] += {cs}[k] + {asq}[k] * {p}xsq0;",
+          f"{acc}[nt][e + 2] += {cs}[k] + {asq}[k] * {p}xsq1;")
+    else:
+        c(f"{acc}[nt][e] += {cs}[k];", f"{acc}[nt][e + 2] += {cs}[k];")
+    c(f"{m0} = fmaxf({m0}, {acc}[nt][e]);", f"{m1} = fmaxf({m1}, {acc}[nt][e + 2]);")
+    c.close()
+    c.close()
+    c(f"{m0} = fmaxf({m0}, __shfl_xor_sync(0xffffffffu, {m0}, 1));",
+      f"{m0} = fmaxf({m0}, __shfl_xor_sync(0xffffffffu, {m0}, 2));",
+      f"{m1} = fmaxf({m1}, __shfl_xor_sync(0xffffffffu, {m1}, 1));",
+      f"{m1} = fmaxf({m1}, __shfl_xor_sync(0xffffffffu, {m1}, 2));",
+      f"float {s0} = 0.f, {s1} = 0.f;",
+      "#pragma unroll")
+    c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
+    c(f"{acc}[nt][0] = exp2f({acc}[nt][0] - {m0}); {acc}[nt][1] = exp2f({acc}[nt][1] - {m0});",
+      f"{acc}[nt][2] = exp2f({acc}[nt][2] - {m1}); {acc}[nt][3] = exp2f({acc}[nt][3] - {m1});",
+      f"{s0} += {acc}[nt][0] + {acc}[nt][1];", f"{s1} += {acc}[nt][2] + {acc}[nt][3];")
+    c.close()
+    c(f"{s0} += __shfl_xor_sync(0xffffffffu, {s0}, 1); "
+      f"{s0} += __shfl_xor_sync(0xffffffffu, {s0}, 2);",
+      f"{s1} += __shfl_xor_sync(0xffffffffu, {s1}, 1); "
+      f"{s1} += __shfl_xor_sync(0xffffffffu, {s1}, 2);",
+      f"const float {p}inv0 = 1.f / {s0}, {p}inv1 = 1.f / {s1};")

@@ -118,8 +118,10 @@ class CupyBackend(Backend):
 
         dims = binding.dims
         K = dims.get("K", 64)
+        # the plan's own variant (norm, mixtures, covariance): what fits mma=2 depends on it
         return space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
-                                    binding.dtypes.get("T", "f32"))
+                                    binding.dtypes.get("T", "f32"),
+                                    variant=_main_variant(kernel, binding))
 
     def tuning_device(self, binding: Any) -> Optional[dict[str, Any]]:
         """Tuned configs are per GPU, and need torch (the tuner's runner and its
@@ -154,13 +156,14 @@ class CupyBackend(Backend):
         arch = options.get("arch") or _device_arch(binding.device[1])
         base = self.default_config(kernel, binding)
         full = base.replace(**dict(config))
-        if base.get("mma") == 2 and "mma" not in config and not _fits(kernel.kind, full, binding):
+        if base.get("mma") == 2 and "mma" not in config and not _fits(kernel, full, binding):
             # a partial config (the user's, or a cache entry tuned before mma=2 existed)
             # whose tiles are the WMMA path's: complete it from that path's default
             dims = binding.dims
             K = dims.get("K", 64)
             full = space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
-                                        binding.dtypes.get("T", "f32"), mma=1).replace(**dict(config))
+                                        binding.dtypes.get("T", "f32"), mma=1,
+                                        variant=_main_variant(kernel, binding)).replace(**dict(config))
         return CupyExecutable(kernel, binding, space.validate(kernel.kind, full), arch)
 
     def describe(self) -> str:
@@ -171,16 +174,23 @@ class CupyBackend(Backend):
                 "given arch=; no varlen yet")
 
 
-def _fits(kind: str, config: Config, binding: Any) -> bool:
-    """Whether ``config`` is a valid config of ``kind`` at this specialization."""
-    from . import space
-    from .prelude import Variant
+def _main_variant(kernel: KernelPlan, binding: Any) -> Any:
+    """The Variant of the plan's main kernel (None where lowering will refuse the plan)."""
+    from .lower import unit_variant
 
-    dims = binding.dims
-    K = dims.get("K", 64)
     try:
-        space.validate(kind, config, Variant(kind, dims.get("D", 64), dims.get("Dv", K), K,
-                                             binding.dtypes.get("T", "f32")))
+        return unit_variant(kernel, binding, kernel.kind)
+    except (KeyError, AttributeError):
+        return None
+
+
+def _fits(kernel: KernelPlan, config: Config, binding: Any) -> bool:
+    """Whether ``config`` is a valid config of the plan's main kernel at this
+    specialization."""
+    from . import space
+
+    try:
+        space.validate(kernel.kind, config, _main_variant(kernel, binding))
     except OptionError:
         return False
     return True

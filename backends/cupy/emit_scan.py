@@ -33,15 +33,12 @@ from .prelude import (MASK_PARAMS, Code, Emitted, Tiles, Variant, bh_indices, fi
                       state_store, state_update, store_y_tile, token_base, token_params)
 
 
-def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
-    mixes = mixtures(v)
-    mq, cq = mixes[0][0], mixes[0][1]
-    mk, ck = mixes[-1][0], mixes[-1][1]
-    c = Code()
+def kernel_params(v: Variant) -> list[str]:
+    """gma_scan_fwd's parameters (lower.py passes them by name), for every path."""
     params = token_params("q") + token_params("k") + token_params("v")
     if v.mask:
         params += MASK_PARAMS
-    for m, cov, _ in mixes:
+    for m, cov, _ in mixtures(v):
         params += coefficient_params(m, cov)
     if v.init:
         params += ["const A_t* __restrict__ s0_ptr", "long long s0_sb", "long long s0_sh",
@@ -49,10 +46,21 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                    "long long n0_sb", "long long n0_sh", "long long n0_sk"]
     params += ["const float* __restrict__ ps", "const float* __restrict__ pn"]
     params += token_params("y", const=False)
-    params += ["float* __restrict__ st_ptr", "long long st_sbh", "long long st_sk",
-               "long long st_sdv", "float* __restrict__ nt_ptr", "long long nt_sbh",
-               "long long nt_sk", "long long N", "int H", "long long BH", "long long SEG"]
-    kernel_open(c, "gma_scan_fwd", params, "(B*H, segments, Dv blocks)", min_blocks(v, t))
+    return params + ["float* __restrict__ st_ptr", "long long st_sbh", "long long st_sk",
+                     "long long st_sdv", "float* __restrict__ nt_ptr", "long long nt_sbh",
+                     "long long nt_sk", "long long N", "int H", "long long BH", "long long SEG"]
+
+
+def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
+    if t.mma == 2:  # register fragments (frag.py)
+        from . import emit_scan_frag
+
+        return emit_scan_frag.emit(v, t, config)
+    mixes = mixtures(v)
+    mq, cq = mixes[0][0], mixes[0][1]
+    mk, ck = mixes[-1][0], mixes[-1][1]
+    c = Code()
+    kernel_open(c, "gma_scan_fwd", kernel_params(v), "(B*H, segments, Dv blocks)", min_blocks(v, t))
     smem_declare(c, v, t)
     bh_indices(c)
     segment_range(c)

@@ -24,7 +24,7 @@ launches on the caller's stream.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Optional
 
 from gmagen.config import Config
 from gmagen.errors import UnsupportedFeature
@@ -94,15 +94,14 @@ class CupyExecutable(Executable):
         self.kernel = kernel
         self.kind = kernel.kind
         self.main = kernel.main
+        self.kernel_plan = kernel
         self.layout = binding.layout
         self.arch = arch
         if getattr(self.main, "cu_seqlens", None) in binding.present:
             raise UnsupportedFeature("cupy backend: packed variable-length input (cu_seqlens) is "
                                      "not supported yet; use backend='numpy' or unpack the batch")
         self.resp: dict[str, _ops.Responsibility] = {}
-        for field in {"responsibility": ("x",), "write": ("r",), "read": ("r",),
-                      "scan": ("rq", "rk")}[self.kind]:
-            op = self.main if self.kind == "responsibility" else kernel.responsibility_of(field)
+        for field, op in _responsibility_ops(kernel).items():
             if op is None:
                 raise UnsupportedFeature(f"cupy backend: {_ops.op_name(self.main)} reads "
                                          f"%{getattr(self.main, field)}, which no fused "
@@ -130,10 +129,10 @@ class CupyExecutable(Executable):
         self.variants.update({unit: self._variant(unit, binding) for unit in _UNITS[self.kind]})
         main_variant = self.variants["scan" if self.kind == "scan" else _UNITS[self.kind][0]]
         self.config = space.validate(self.kind, config, main_variant)
-        tiles = space.tiles_of(self.config)
-        cfg = dict(self.config)
-        self.emitted: dict[str, Emitted] = {u: _EMITTERS[v.kind](v, tiles, cfg)
-                                            for u, v in self.variants.items()}
+        self.unit_configs = {u: self._unit_config(v) for u, v in self.variants.items()}
+        self.emitted: dict[str, Emitted] = {
+            u: _EMITTERS[v.kind](v, space.tiles_of(self.unit_configs[u]), dict(self.unit_configs[u]))
+            for u, v in self.variants.items()}
         self.compiled: dict[str, Compiled] = {u: launch.build(e, arch)
                                               for u, e in self.emitted.items()}
         self.source = "\n\n".join(e.source for e in self.emitted.values())
@@ -143,20 +142,18 @@ class CupyExecutable(Executable):
         """Kernel name -> ptxas' Resources (registers, spills, static smem)."""
         return {name: res for c in self.compiled.values() for name, res in c.resources.items()}
 
+    def _unit_config(self, v: Variant) -> Config:
+        """The tiles of one kernel: the plan's config, except the causal scan's
+        segment memories under mma=2 (the scan's 4 warps of 16 tokens are not the
+        write kernel's warp grid): the write kernel's own default."""
+        if self.kind == "scan" and v.kind == "write" and self.config.get("mma") == 2:
+            return space.default_config("write", v.D, v.Dv, v.K, v.dtype, variant=v)
+        return self.config
+
     def _variant(self, unit: str, binding: Any) -> Variant:
-        D, Dv, K = self.dims
-        rq = self.resp.get("rq") or self.resp.get("r") or self.resp.get("x")
-        rk = self.resp.get("rk") or rq
-        same = _mixture(rq) == _mixture(rk)
-        state = getattr(self.main, "memory", None) or getattr(self.main, "initial_state", None)
-        state_dtype = binding.input_dtypes.get(state, "f32") if state else "f32"
-        mask = getattr(self.main, "key_mask", None) in binding.present
-        init = getattr(self.main, "initial_state", None) in binding.present
-        return Variant(unit, D, Dv, K, binding.dtypes.get("T", "f32"),
-                       binding.dtypes.get("P", "f32"), state_dtype if state_dtype in ("f32", "f64") else "f32",
-                       rq.covariance, rk.covariance, same, getattr(self.main, "norm", "row"),
-                       float(getattr(self.main, "eps", 0.0)), mask and unit in ("write", "scan"),
-                       init and unit == "scan")
+        v = unit_variant(self.kernel_plan, binding, unit)
+        assert v is not None  # __init__ checked the responsibilities
+        return v
 
     # -- running -------------------------------------------------------------
     def _launch(self, unit: str, grid: tuple, args: dict, stream: Any, device: int) -> None:
@@ -236,7 +233,7 @@ class CupyExecutable(Executable):
         if mask is not None:
             args.update(mask_ptr=mask, mask_sb=launch.strides(mask)[0],
                         mask_sn=launch.strides(mask)[1])
-        dvb = cdiv(self.dims[1], int(self.config["block_dv"]))
+        dvb = cdiv(self.dims[1], int(self.unit_configs["write"]["block_dv"]))
         self._launch("write", (BH, P, dvb), args, stream, device)
 
     def _run_write(self, env, k_tok, coef, stream, device) -> dict:
@@ -326,6 +323,39 @@ class CupyExecutable(Executable):
             args.update(zip(("n0_sb", "n0_sh", "n0_sk"), launch.strides(n0)))
         self._launch("scan", (BH, P, dvb), args, stream, device)
         return {main.out: y, main.state_out: (S, n)}
+
+
+def _responsibility_ops(kernel: Any) -> dict[str, Optional[_ops.Responsibility]]:
+    """The responsibility ops a plan's kernels compute on the fly, by field of the main
+    op (None where no fused op produces it)."""
+    fields = {"responsibility": ("x",), "write": ("r",), "read": ("r",),
+              "scan": ("rq", "rk")}[kernel.kind]
+    return {f: kernel.main if kernel.kind == "responsibility" else kernel.responsibility_of(f)
+            for f in fields}
+
+
+def unit_variant(kernel: Any, binding: Any, unit: str) -> Optional[Variant]:
+    """The Variant of kernel ``unit`` of this plan and call specialization (None where
+    a responsibility is not fused: CupyExecutable raises then)."""
+    resp = _responsibility_ops(kernel)
+    if any(op is None for op in resp.values()):
+        return None
+    main = kernel.main
+    dims = binding.dims
+    D, K = dims["D"], dims["K"]
+    Dv = dims.get("Dv", K)
+    rq = resp.get("rq") or resp.get("r") or resp.get("x")
+    rk = resp.get("rk") or rq
+    same = _mixture(rq) == _mixture(rk)
+    state = getattr(main, "memory", None) or getattr(main, "initial_state", None)
+    state_dtype = binding.input_dtypes.get(state, "f32") if state else "f32"
+    mask = getattr(main, "key_mask", None) in binding.present
+    init = getattr(main, "initial_state", None) in binding.present
+    return Variant(unit, D, Dv, K, binding.dtypes.get("T", "f32"),
+                   binding.dtypes.get("P", "f32"), state_dtype if state_dtype in ("f32", "f64") else "f32",
+                   rq.covariance, rk.covariance, same, getattr(main, "norm", "row"),
+                   float(getattr(main, "eps", 0.0)), mask and unit in ("write", "scan"),
+                   init and unit == "scan")
 
 
 def _mixture(op: _ops.Responsibility) -> tuple[str, str, str]:

@@ -121,7 +121,7 @@ def smem_buffers(v: Variant, t: Tiles) -> list[tuple[str, int]]:
 
 
 def smem_bytes(v: Variant, t: Tiles) -> int:
-    if t.mma == 2 and v.kind in ("write", "read"):
+    if t.mma == 2 and v.kind in ("write", "read", "scan"):
         from . import frag
 
         return frag.smem_bytes(v, t)

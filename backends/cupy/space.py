@@ -8,7 +8,7 @@ Knobs (a Config; ``str()`` pastes back into ``gmagen.compile(config=...)``):
   num_threads  threads per block
   segments     blocks per (b, h) along N; 0 = enough to fill the GPU
   mma          2: tensor cores on register fragments (mma.sync, frag.py; the
-               write and read kernels, K <= 128), 1: tensor cores (WMMA) on
+               write, read and scan kernels, K <= 128), 1: tensor cores (WMMA) on
                shared-memory tiles for the big products (mma.py), 0: CUDA-core
                FMA.  Default for float16/bfloat16 tokens: 2 where its tiles fit,
                else 1; float32 tokens take 0 only (their products stay exact
@@ -45,7 +45,7 @@ KNOBS: dict[str, dict[str, tuple]] = {
     "read": {"block_n": (8, 16, 32, 64, 128), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
              "num_threads": (32, 64, 128, 256, 512), "segments": (), "mma": (0, 1, 2)},
     "scan": {"block_n": (8, 16, 32, 64), "block_dv": (8, 16, 32, 64, 128), "d_chunk": (),
-             "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1)},
+             "num_threads": (64, 128, 256, 512), "segments": (), "mma": (0, 1, 2)},
 }
 
 MMA_DTYPES = ("f16", "bf16")
@@ -75,7 +75,7 @@ def default_config(kind: str, D: int, Dv: int, K: int, dtype: str = "f32",
     v = variant or Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype,
                            same_mixture=False)
     cfg = None
-    if dtype in MMA_DTYPES and kind in ("write", "read") and mma in (None, 2):
+    if dtype in MMA_DTYPES and kind in ("write", "read", "scan") and mma in (None, 2):
         cfg = _fragments(kind, Dv, v)
     if cfg is None and dtype in MMA_DTYPES and mma in (None, 1):
         cfg = _shrink(kind, Dv, D, v, mma=1)
@@ -107,12 +107,13 @@ def _shrink(kind: str, Dv: int, D: int, v: Variant, mma: int) -> dict | None:
 def _fragments(kind: str, Dv: int, v: Variant) -> dict | None:
     """The mma=2 default (frag.py), or None where it does not serve this shape: write,
     warps KW along K times token groups of TOK = 32 tokens (16 when KW <= 2) in a
-    64-token tile; read, 4 warps of 16 tokens; block_dv 64 (32 when a warp holds
-    two 16-row tiles of K); smaller tiles until the shared memory fits."""
+    64-token tile; read and scan, 4 warps of 16 tokens; block_dv 64 (32 when a warp
+    holds two 16-row tiles of K); smaller tiles until the shared memory (and the
+    scan's accumulator registers) fit."""
     probe = frag.shape(v, Tiles(num_threads=32))
     if probe.kpad > frag.MAX_KPAD:
         return None
-    bdv = min(pow2_at_least(Dv, 16), 64 if probe.mk == 1 else 32)
+    bdv = min(pow2_at_least(Dv, 16), 32 if kind == "write" and probe.mk > 1 else 64)
     if kind == "write":
         tok = 32 if probe.kw >= 3 and probe.mk == 1 else 16  # MK = 2: twice the rows
         tg = max(1, 8 // probe.kw if tok == 16 and probe.kw >= 3 else 64 // tok)  # <= 8 warps
@@ -128,7 +129,7 @@ def _fragments(kind: str, Dv: int, v: Variant) -> dict | None:
         if kind == "write" and warps // probe.kw > 1 and warps > 2:  # half the token groups
             cfg["num_threads"] //= 2
             cfg["block_n"] //= 2
-        elif kind == "read" and warps > 2:  # one warp alone hides no latency: mma=1 then
+        elif kind in ("read", "scan") and warps > 2:  # one warp hides no latency: mma=1 then
             cfg["num_threads"] //= 2
             cfg["block_n"] //= 2
         elif cfg["block_dv"] > 16:
@@ -167,9 +168,9 @@ def validate(kind: str, config: Config, v: Variant | None = None) -> Config:
                                   f"multiple of {step} (the tensor-core tile), got {value}; "
                                   f"or pass mma=0")
     if t.mma == 2:
-        if kind not in ("write", "read"):
-            raise OptionError(f"cupy {kind} config mma=2: register fragments serve the write "
-                              f"and read kernels; expected mma=0 or 1 for {kind}")
+        if kind not in ("write", "read", "scan"):
+            raise OptionError(f"cupy {kind} config mma=2: register fragments serve the write, "
+                              f"read and scan kernels; expected mma=0 or 1 for {kind}")
         if v is not None:
             why = frag.problems(v, t)
             if why:

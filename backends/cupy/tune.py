@@ -33,7 +33,9 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
         if default[name] not in values:
             values.append(default[name])
         knobs[name] = Choice(sorted(values), default=default[name])
-    variant = Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype, same_mixture=False)
+    # one mixture (the canonical program): a config that needs more (two mixtures' tables)
+    # fails to lower and the tuner rejects it, reported
+    variant = Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype)
 
     def valid(c: Config, limits: DeviceLimits) -> bool:
         try:

@@ -245,20 +245,51 @@ def test_fragment_configs(norm, cov, layout):
                    name=name, config=config)
 
 
+# explicit register-fragment configs of the causal scan (mma=2): Dv in 5 blocks of 16, K = 7
+# (one 16-row tile), K = 80 over 2 warps (3 tiles of S per warp, the last one past K), one
+# warp of 16 tokens; chunks cut by segment ends (N = 333)
+SCAN_FRAG_CASES = [  # (D, Dv, K), scan config
+    ((40, 72, 24), dict(block_n=64, block_dv=16, num_threads=128)),
+    ((20, 33, 7), dict(block_n=32, block_dv=32, num_threads=64)),
+    ((48, 64, 80), dict(block_n=32, block_dv=32, num_threads=64)),
+    ((64, 64, 64), dict(block_n=64, block_dv=64, num_threads=128)),
+    ((16, 8, 1), dict(block_n=16, block_dv=16, num_threads=32))]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_scan_fragment_configs(norm, cov, layout):
+    rng = np.random.default_rng()
+    for (D, Dv, K), cfg in SCAN_FRAG_CASES:
+        for dtype in ("bf16", "f16") if norm == "row" else ("bf16",):  # f16 slot: mma=1
+            arrs = _inputs(rng, 2, 333, 3, D, Dv, K, cov, dtype)
+            mask = rng.random((2, 333)) > 0.3
+            name = f"cupy-scan-frag-{norm}-{cov}-{layout}-{D}-{Dv}-{K}-{dtype}"
+            if layout == "bhnd":
+                arrs = [a.transpose(0, 2, 1, 3).copy() if i < 3 else a for i, a in enumerate(arrs)]
+            _check(gmagen.gma(causal=True, norm=norm, covariance=cov, layout=layout), arrs, dtype,
+                   mask, name=name, config={**cfg, "mma": 2})
+
+
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 @pytest.mark.parametrize("norm", ["row", "slot"])
-def test_fragments_match_wmma(norm, dtype):
+def test_fragments_match_wmma(norm, dtype, causal):
     """mma=2 and mma=1 on the same inputs (sharp mixtures, large inputs): both within
     the contract and within it of each other."""
     rng = np.random.default_rng()
+    if causal and norm == "slot" and dtype == "f16":
+        pytest.skip("the float16 slot-norm scan has no mma=2 path (frag.problems)")
     arrs = _inputs(rng, 2, 1000, 2, 64, 64, 64, "diag", dtype, scale=4.0, log_var_shift=-3.0)
     ys = []
     for mma in (2, 1):
-        kern = _check(gmagen.gma(norm=norm), arrs, dtype, name=f"cupy-frag-vs-wmma{mma}-{norm}",
-                      config={"mma": mma})
+        kern = _check(gmagen.gma(causal=causal, norm=norm), arrs, dtype,
+                      name=f"cupy-frag-vs-wmma{mma}-{norm}-{causal}", config={"mma": mma})
         ys.append(kern(*_cuda(arrs, dtype)).float().cpu().numpy())
     gap = _rel(ys[0], ys[1].astype(np.float64))
-    _record(test=f"cupy-frag-vs-wmma-{norm}", dtype=dtype, error=gap, tol=TOLERANCES[dtype])
+    _record(test=f"cupy-frag-vs-wmma-{norm}-{causal}", dtype=dtype, error=gap,
+            tol=TOLERANCES[dtype])
     assert gap <= TOLERANCES[dtype], f"mma=2 vs mma=1: {gap:.3e}"
 
 

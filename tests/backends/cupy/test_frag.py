@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("cupy", reason="cupy is not installed: the cupy backend cannot be tested")
 
-from gmagen.backends.cupy import emit_read, emit_write, frag, space  # noqa: E402
+from gmagen.backends.cupy import emit_read, emit_scan, emit_write, frag, space  # noqa: E402
 from gmagen.backends.cupy.launch import build  # noqa: E402
 from gmagen.backends.cupy.prelude import Tiles, Variant  # noqa: E402
 from gmagen.config import Config  # noqa: E402
 from gmagen.errors import OptionError  # noqa: E402
 
-EMIT = {"write": emit_write.emit, "read": emit_read.emit}
+EMIT = {"write": emit_write.emit, "read": emit_read.emit, "scan": emit_scan.emit}
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -91,14 +91,22 @@ def test_piece_products_are_float32_grade(dtype):
 
 
 def test_defaults():
-    for kind in ("write", "read"):
+    for kind in ("write", "read", "scan"):
         for dtype in ("bf16", "f16"):
-            cfg = space.default_config(kind, 64, 64, 64, dtype)
+            # (the scan of one mixture: two diagonal mixtures' tables pass the shared memory)
+            cfg = space.default_config(kind, 64, 64, 64, dtype, variant=Variant(kind, 64, 64, 64, dtype))
             assert cfg["mma"] == 2, (kind, dtype, cfg)
             assert not frag.problems(Variant(kind, 64, 64, 64, dtype), space.tiles_of(cfg))
-        # K > 128 or tables past the shared memory: WMMA
-        assert space.default_config(kind, 64, 64, 256, "bf16")["mma"] == 1
+        # K > 128 or tables past the shared memory: WMMA (the scan at K = 256: CUDA cores)
+        assert space.default_config(kind, 64, 64, 256, "bf16")["mma"] == (0 if kind == "scan" else 1)
         assert space.default_config(kind, 256, 256, 64, "bf16")["mma"] == 1
+    sc = space.default_config("scan", 64, 64, 64, "bf16", variant=Variant("scan", 64, 64, 64, "bf16"))
+    assert (sc["num_threads"], sc["block_n"], sc["block_dv"]) == (128, 64, 64)
+    # two diagonal mixtures' tables (q and k) pass the shared memory; float16 slot norm: WMMA
+    assert space.default_config("scan", 64, 64, 64, "bf16", variant=Variant(
+        "scan", 64, 64, 64, "bf16", same_mixture=False))["mma"] == 1
+    assert space.default_config("scan", 64, 64, 64, "f16", variant=Variant(
+        "scan", 64, 64, 64, "f16", norm="slot"))["mma"] == 1
     w = space.default_config("write", 64, 64, 64, "bf16")
     assert (w["num_threads"], w["block_n"], w["block_dv"]) == (256, 64, 64)  # KW 4 x TG 2
     s = frag.shape(Variant("write", 64, 64, 80), space.tiles_of(Config(num_threads=96)))
@@ -125,7 +133,14 @@ def test_refused_outside_its_range():
     with pytest.raises(OptionError, match=r"expected mma=0 for f32 tokens"):
         space.validate("read", cfg, Variant("read", 64, 64, 64, "f32"))
     with pytest.raises(OptionError, match=r"mma=2 is not allowed"):
+        space.validate("responsibility", Config(block_n=64, num_threads=128, mma=2),
+                       Variant("responsibility", 64, 64, 64, "bf16"))
+    with pytest.raises(OptionError, match=r"block_n=32 must be 16 x the 4 warps \(each warp owns"):
         space.validate("scan", cfg.replace(block_n=32), Variant("scan", 64, 64, 64, "bf16"))
+    with pytest.raises(OptionError, match=r"slot norm's weights need bfloat16 copies"):
+        space.validate("scan", cfg, Variant("scan", 64, 64, 64, "f16", norm="slot"))
+    with pytest.raises(OptionError, match=r"accumulator registers per thread, at most 160"):
+        space.validate("scan", cfg, Variant("scan", 64, 64, 128, "bf16", norm="slot"))
 
 
 @pytest.mark.parametrize("kind", ["write", "read"])
@@ -172,6 +187,51 @@ def test_compiles_without_spills(kind, dtype, shape, cfg, arch):
         emitted = EMIT[kind](v, space.tiles_of(full), dict(full))
         res = build(emitted, arch).resources[emitted.name]
         print(f"{kind} {dtype} D={D} Dv={Dv} K={K} {cov} {dict(full)} {arch}: "
+              f"{res.registers} registers, {res.spill_stores} B spilled")
+        assert res.spill_stores == 0 and res.spill_loads == 0, res
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+def test_scan_source_structure(norm, cov):
+    """The scan on fragments: both responsibilities from raw token tiles (pieces split
+    in registers, no piece tiles), three block barriers per chunk, S in registers."""
+    v = Variant("scan", 64, 64, 64, "bf16", q_covariance=cov, k_covariance=cov, eps=1e-6,
+                mask=True, init=True, norm=norm)
+    cfg = space.default_config("scan", 64, 64, 64, "bf16", variant=v)
+    assert cfg["mma"] == 2
+    src = emit_scan.emit(v, space.tiles_of(cfg), dict(cfg)).source
+    assert "wmma" not in src and "// tensor cores: mma.sync on register fragments" in src
+    body = src[src.index('extern "C"'):]
+    loop = body[body.index("for (long long n0"):body.index("the state leaving the segment")]
+    assert loop.count("__syncthreads();") == 3
+    assert loop.count("mma_bf16(acck") == loop.count("mma_bf16(accq") == 2 * len(frag.terms(v, cov))
+    assert loop.count("unpack_T2(xr[r])") == 2  # keys and queries
+    assert "mask_ptr[b * mask_sb + (r0 + g) * mask_sn] != 0" in loop
+    assert ("__shfl_up_sync" in loop) == (norm == "slot")  # the slot norm's prefix of rk
+    assert "float sacc[MS][BLOCK_DV / 8][4];" in body and "s0_ptr[" in body
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype,shape,norm,cfg", [
+    ("bf16", (64, 64, 64), "row", None),
+    ("bf16", (64, 64, 64), "slot", None),
+    ("f16", (64, 64, 64), "row", None),
+    ("bf16", (20, 33, 7), "slot", dict(block_n=32, block_dv=32, num_threads=64)),
+    ("bf16", (32, 64, 128), "row", dict(block_dv=32)),
+    ("f16", (128, 128, 32), "row", None),
+])
+def test_scan_compiles_without_spills(dtype, shape, norm, cfg, arch):
+    D, Dv, K = shape
+    for cov in ("diag", "spherical"):
+        v = Variant("scan", D, Dv, K, dtype, q_covariance=cov, k_covariance=cov, eps=1e-6,
+                    mask=True, init=True, norm=norm)
+        full = space.default_config("scan", D, Dv, K, dtype, variant=v, mma=2).replace(**(cfg or {}))
+        assert full["mma"] == 2
+        space.validate("scan", full, v)
+        emitted = emit_scan.emit(v, space.tiles_of(full), dict(full))
+        res = build(emitted, arch).resources[emitted.name]
+        print(f"scan {dtype} {norm} D={D} Dv={Dv} K={K} {cov} {dict(full)} {arch}: "
               f"{res.registers} registers, {res.spill_stores} B spilled")
         assert res.spill_stores == 0 and res.spill_loads == 0, res
 

@@ -60,10 +60,10 @@ def test_mma_knob_values_and_tile_multiples():
     base = space.default_config("write", 64, 64, 64, "bf16", mma=1)
     with pytest.raises(OptionError, match=r"mma=3 is not allowed; expected one of \(0, 1, 2\)"):
         space.validate("write", base.replace(mma=3), v)
-    scan = Variant("scan", 64, 64, 64, "bf16")
+    resp = Variant("responsibility", 64, 64, 64, "bf16")
     with pytest.raises(OptionError, match=r"mma=2 is not allowed; expected one of \(0, 1\)"):
-        space.validate("scan", space.default_config("scan", 64, 64, 64, "bf16").replace(mma=2),
-                       scan)
+        space.validate("responsibility", space.default_config(
+            "responsibility", 64, 64, 64, "bf16").replace(mma=2), resp)
     for knob, value, step in (("block_n", 8, 16), ("block_dv", 8, 16), ("d_chunk", 12, 8)):
         with pytest.raises(OptionError, match=rf"{knob}={value} with mma=1: expected a multiple "
                                               rf"of {step}.*got {value}; or pass mma=0"):

@@ -156,7 +156,15 @@ class CupyBackend(Backend):
         arch = options.get("arch") or _device_arch(binding.device[1])
         base = self.default_config(kernel, binding)
         full = base.replace(**dict(config))
-        if base.get("mma") == 2 and "mma" not in config and not _fits(kernel, full, binding):
+        if "mma" in config and config["mma"] != base.get("mma"):
+            # another path asked for (mma=1 or 0 over an mma=2 default): that path's
+            # default tiles, then the caller's knobs
+            dims = binding.dims
+            K = dims.get("K", 64)
+            full = space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
+                                        binding.dtypes.get("T", "f32"), mma=int(config["mma"]),
+                                        variant=_main_variant(kernel, binding)).replace(**dict(config))
+        elif base.get("mma") == 2 and "mma" not in config and not _fits(kernel, full, binding):
             # a partial config (the user's, or a cache entry tuned before mma=2 existed)
             # whose tiles are the WMMA path's: complete it from that path's default
             dims = binding.dims

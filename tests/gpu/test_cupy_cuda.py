@@ -246,14 +246,14 @@ def test_fragment_configs(norm, cov, layout):
 
 
 # explicit register-fragment configs of the causal scan (mma=2): Dv in 5 blocks of 16, K = 7
-# (one 16-row tile), K = 80 over 2 warps (3 tiles of S per warp, the last one past K), one
-# warp of 16 tokens; chunks cut by segment ends (N = 333)
+# (one 16-row tile), K = 80 over 2 warps (3 tiles of S per warp, the last one past K), K = 1
+# with Dv = 8; chunks cut by segment ends (N = 333)
 SCAN_FRAG_CASES = [  # (D, Dv, K), scan config
     ((40, 72, 24), dict(block_n=64, block_dv=16, num_threads=128)),
     ((20, 33, 7), dict(block_n=32, block_dv=32, num_threads=64)),
     ((48, 64, 80), dict(block_n=32, block_dv=32, num_threads=64)),
     ((64, 64, 64), dict(block_n=64, block_dv=64, num_threads=128)),
-    ((16, 8, 1), dict(block_n=16, block_dv=16, num_threads=32))]
+    ((16, 8, 1), dict(block_n=32, block_dv=16, num_threads=64))]
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])

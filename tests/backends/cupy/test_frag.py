@@ -279,3 +279,29 @@ def test_partial_wmma_config_completes_from_the_wmma_default():
     assert exe.config["mma"] == 1 and exe.config["num_threads"] == 256
     exe = be.lower(read, binding, Config(block_dv=32), {"arch": "sm_90"})
     assert exe.config["mma"] == 2 and exe.config["block_dv"] == 32
+
+
+def test_scan_configs_complete_from_their_path():
+    """The causal plan: the default is the fragment scan with the write kernel's own
+    fragment tiles for the segment memories; a config naming mma=1 or 0 completes
+    from that path's default (not from the mma=2 tiles, which do not fit it)."""
+    from gmagen.adapters import checks
+    from gmagen.backends.registry import _load
+    from gmagen.ir.passes.plan import plan_program
+
+    import gmagen
+
+    program = gmagen.gma(causal=True)
+    scan = next(kp for kp in plan_program(program).kernels if kp.kind == "scan")
+    dims = {"B": 1, "N": 128, "H": 1, "D": 64, "Dv": 64, "K": 64, "S": 1}
+    binding = checks.Binding("numpy", ("cuda", 0), "bnhd", dims,
+                             {"T": "bf16", "P": "f32", "acc": "f32"},
+                             {i.name: "f32" for i in program.inputs}, frozenset(), ())
+    be = _load("cupy")
+    exe = be.lower(scan, binding, Config(), {"arch": "sm_90"})
+    assert exe.config["mma"] == 2 and exe.config["num_threads"] == 128
+    assert exe.unit_configs["write"]["mma"] == 2 and exe.unit_configs["write"]["num_threads"] == 256
+    for mma in (1, 0):
+        exe = be.lower(scan, binding, Config(mma=mma), {"arch": "sm_90"})
+        assert exe.config["mma"] == mma and exe.config == exe.unit_configs["write"]
+        assert exe.config == space.default_config("scan", 64, 64, 64, "bf16", mma=mma)

@@ -156,27 +156,23 @@ class CupyBackend(Backend):
         arch = options.get("arch") or _device_arch(binding.device[1])
         base = self.default_config(kernel, binding)
         full = base.replace(**dict(config))
+        path = None
         if "mma" in config and config["mma"] != base.get("mma"):
-            # another path asked for (mma=1 or 0 over an mma=2 default): that path's
-            # default tiles, then the caller's knobs
-            dims = binding.dims
-            K = dims.get("K", 64)
-            full = space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
-                                        binding.dtypes.get("T", "f32"), mma=int(config["mma"]),
-                                        variant=_main_variant(kernel, binding)).replace(**dict(config))
+            path = int(config["mma"])  # another path asked for (mma=1 or 0 over mma=2)
         elif base.get("mma") == 2 and "mma" not in config and not _fits(kernel, full, binding):
-            # a partial config (the user's, or a cache entry tuned before mma=2 existed)
-            # whose tiles are the WMMA path's: complete it from that path's default
+            path = 1  # a partial config (the user's, or a cache entry tuned before mma=2) of WMMA tiles
+        if path is not None:
+            # that path's default tiles, then the caller's knobs
             dims = binding.dims
             K = dims.get("K", 64)
             full = space.default_config(kernel.kind, dims.get("D", 64), dims.get("Dv", K), K,
-                                        binding.dtypes.get("T", "f32"), mma=1,
+                                        binding.dtypes.get("T", "f32"), mma=path,
                                         variant=_main_variant(kernel, binding)).replace(**dict(config))
         return CupyExecutable(kernel, binding, space.validate(kernel.kind, full), arch)
 
     def describe(self) -> str:
         return ("cupy: CUDA C++ through NVRTC (f32/f16/bf16, float32 accumulation; tensor "
-                "cores for f16/bf16: mma.sync register fragments (mma=2) for write and read, WMMA (mma=1) "
+                "cores for f16/bf16: mma.sync register fragments (mma=2) for write, read and scan, WMMA (mma=1) "
                 "elsewhere); every "
                 "variant, key mask, state, both layouts, any strides; compiles without a GPU "
                 "given arch=; no varlen yet")

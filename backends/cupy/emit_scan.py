@@ -73,23 +73,8 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     mma = bool(t.mma)
     c("// state entering segment seg: initial state, then segments 0..seg-1 in order"
       + ("; S_s [KPAD, BLOCK_DV] (stride SP), zero rows k >= K" if mma else ""))
-    c.open(f"for (int idx = tid; idx < {'KS' if mma else 'K'} * BLOCK_DV; idx += THREADS)")
-    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const bool ok = k < K && dv0 + j < DV;" if mma else "const bool ok = dv0 + j < DV;")
-    if v.init:
-        c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
-          "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
-    else:
-        c("float a = 0.f;")
-    c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
-      "(long long)k * DV + dv0 + j] : 0.f;",
-      "S_s[k * SP + j] = a;" if mma else "S_s[idx] = a;")
-    c.close()
-    c.open("for (int k = tid; k < K; k += THREADS)")
-    c("float a = " + ("to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk]);" if v.init else "0.f;"),
-      "for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];",
-      "n_s[k] = a;")
-    c.close()
+    entering_state(c, v, "KS" if mma else "K",
+                   ["S_s[k * SP + j] = a;" if mma else "S_s[idx] = a;"])
     if mma:
         c("__syncthreads();")
         _refresh_wide_state(c)
@@ -106,6 +91,40 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c.close()
     c.close()
     return finish(c, "gma_scan_fwd", f"causal chunked scan ({v.norm} norm)", v, t, config)
+
+
+def entering_state(c: Code, v: Variant, rows: str, stores: list[str],
+                   pad_n: bool = False) -> None:
+    """The state entering segment seg, summed per element into ``a``: the initial
+    state, then segments 0..seg-1's partial memories (``ps``, ``pn``) in order.
+    ``rows`` of S (K, or a padded count whose rows k >= K get 0), each element
+    stored by ``stores``; n_s [K] (``pad_n``: [KPAD], 0 for k >= K)."""
+    c.open(f"for (int idx = tid; idx < {rows} * BLOCK_DV; idx += THREADS)")
+    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+      "const bool ok = dv0 + j < DV;" if rows == "K" else "const bool ok = k < K && dv0 + j < DV;")
+    if v.init:
+        c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
+          "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
+    else:
+        c("float a = 0.f;")
+    c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
+      "(long long)k * DV + dv0 + j] : 0.f;", *stores)
+    c.close()
+    n0 = "to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk])" if v.init else "0.f"
+    psum = "for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];"
+    if pad_n:
+        c.open("for (int k = tid; k < KPAD; k += THREADS)")
+        c("float a = 0.f;")
+        c.open("if (k < K)")
+        if v.init:
+            c(f"a = {n0};")
+        c(psum)
+        c.close()
+        c("n_s[k] = a;")
+    else:
+        c.open("for (int k = tid; k < K; k += THREADS)")
+        c(f"float a = {n0};", psum, "n_s[k] = a;")
+    c.close()
 
 
 def _refresh_wide_state(c: Code) -> None:

@@ -32,7 +32,7 @@ denominators and n in float32, S accumulated in float32.
 from __future__ import annotations
 
 from . import frag
-from .emit_scan import kernel_params
+from .emit_scan import entering_state, kernel_params
 from .prelude import (Code, Emitted, Tiles, Variant, bh_indices, finish, kernel_open,
                       segment_range, state_store, token_base)
 
@@ -255,28 +255,8 @@ def _entering_state(c: Code, v: Variant) -> None:
     W copy S_w.  S_s aliases the chunk tiles: a barrier ends its life."""
     c("// state entering segment seg: initial state, then segments 0..seg-1 in order; "
       "zero rows k >= K")
-    c.open("for (int idx = tid; idx < KPAD * BLOCK_DV; idx += THREADS)")
-    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const bool ok = k < K && dv0 + j < DV;")
-    if v.init:
-        c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
-          "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
-    else:
-        c("float a = 0.f;")
-    c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
-      "(long long)k * DV + dv0 + j] : 0.f;",
-      "S_s[k * SP + j] = a;",
-      "S_w[k * VH + j] = cvt_W(a);")
-    c.close()
-    c.open("for (int k = tid; k < KPAD; k += THREADS)")
-    c("float a = 0.f;")
-    c.open("if (k < K)")
-    if v.init:
-        c("a = to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk]);")
-    c("for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];")
-    c.close()
-    c("n_s[k] = a;")
-    c.close()
+    entering_state(c, v, "KPAD", ["S_s[k * SP + j] = a;", "S_w[k * VH + j] = cvt_W(a);"],
+                   pad_n=True)
     c("__syncthreads();",
       "// S rows mt * 16 + g (+ 8), columns nd * 8 + 2 tq (+ 1) of this warp's tiles mt",
       "float sacc[MS][BLOCK_DV / 8][4];")

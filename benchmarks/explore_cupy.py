@@ -22,7 +22,9 @@ B, H, D, DV, K = 4, 16, 64, 64, 64
 CONFIGS = {
     "gma_write": [dict(num_threads=256, block_n=64), dict(num_threads=128, block_n=32),
                   dict(num_threads=128, block_n=64), dict(num_threads=256, block_n=32)],
-    "gma_read": [dict(num_threads=128, block_n=64), dict(num_threads=64, block_n=32)],
+    "gma_read": [dict(num_threads=128, block_n=64), dict(num_threads=64, block_n=32),
+                 dict(num_threads=128, block_n=128), dict(num_threads=64, block_n=64),
+                 dict(num_threads=256, block_n=256)],
 }
 
 

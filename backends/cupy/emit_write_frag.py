@@ -101,8 +101,10 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
                              "tok_s", "tok0", "BLOCK_N * DH", a_is_coef=True, nt="TOK / 8")
     c.close()
     c("// + c_k" + (" + asq_k |x|^2" if cov == "spherical" else "")
-      + "; per token: max over this warp's rows, then exp2 and their sum")
-    c("float ls[KW > 1 ? 1 : TOK / 8][2];  // KW == 1: the sums (else they go to red_s)")
+      + "; per token (column): the max over this warp's rows, exp2 and their sum.  Each "
+      "step runs over every column before the next, so that a round's shuffles are in "
+      "flight together (one column after another is a chain of 6 shuffle latencies each)")
+    c("float cm[TOK / 8][2], cs[TOK / 8][2];  // per column: max, then sum of exp2(l - max)")
     c("#pragma unroll")
     c.open("for (int nt = 0; nt < TOK / 8; ++nt)")
     c("#pragma unroll")
@@ -120,27 +122,37 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
         c("acc[mt][nt][e] += c_s[k];", "acc[mt][nt][e + 2] += c_s[k + 8];")
     c("m = fmaxf(m, fmaxf(acc[mt][nt][e], acc[mt][nt][e + 2]));")
     c.close()
-    c("m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));",
-      "m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));",
-      "m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));",
-      "float sum = 0.f;",
+    c("cm[nt][e] = m;")
+    c.close()
+    c.close()
+    _column_rounds(c, "cm[nt][e] = fmaxf(cm[nt][e], __shfl_xor_sync(0xffffffffu, cm[nt][e], o));")
+    c("#pragma unroll")
+    c.open("for (int nt = 0; nt < TOK / 8; ++nt)")
+    c("#pragma unroll")
+    c.open("for (int e = 0; e < 2; ++e)")
+    c("float sum = 0.f;",
       "#pragma unroll")
     c.open("for (int mt = 0; mt < MK; ++mt)")
-    c("acc[mt][nt][e] = exp2f(acc[mt][nt][e] - m);",
-      "acc[mt][nt][e + 2] = exp2f(acc[mt][nt][e + 2] - m);",
+    c("acc[mt][nt][e] = ex2(acc[mt][nt][e] - cm[nt][e]);",
+      "acc[mt][nt][e + 2] = ex2(acc[mt][nt][e + 2] - cm[nt][e]);",
       "sum += acc[mt][nt][e] + acc[mt][nt][e + 2];")
     c.close()
-    c("sum += __shfl_xor_sync(0xffffffffu, sum, 4);",
-      "sum += __shfl_xor_sync(0xffffffffu, sum, 8);",
-      "sum += __shfl_xor_sync(0xffffffffu, sum, 16);",
-      "if (KW == 1) ls[KW > 1 ? 0 : nt][e] = sum;",
-      "else if (lane < 4) red_s[kw * BLOCK_N + tok0 + nt * 8 + lane * 2 + e] = "
-      "make_float2(m, sum);")
+    c("cs[nt][e] = sum;")
+    c.close()
+    c.close()
+    _column_rounds(c, "cs[nt][e] += __shfl_xor_sync(0xffffffffu, cs[nt][e], o);")
+    c.open("if (KW > 1 && lane < 4)")
+    c("#pragma unroll")
+    c.open("for (int nt = 0; nt < TOK / 8; ++nt)")
+    c("#pragma unroll",
+      "for (int e = 0; e < 2; ++e) red_s[kw * BLOCK_N + tok0 + nt * 8 + lane * 2 + e] = "
+      "make_float2(cm[nt][e], cs[nt][e]);")
     c.close()
     c.close()
     c("if (KW > 1) __syncthreads();  // every warp's (max, sum) of each token")
     c("// r = exp2(l - M) / total: this warp's exp2(l - m_w) times exp2(m_w - M) / total; "
-      "dropped keys (past end" + (", masked" if v.mask else "") + ") get r = 0")
+      "dropped keys (past end" + (", masked" if v.mask else "") + ") get r = 0.  total >= 1 "
+      "(the warp holding M adds exp2(0)): the fast division is exact enough")
     c("#pragma unroll")
     c.open("for (int nt = 0; nt < TOK / 8; ++nt)")
     c("#pragma unroll")
@@ -153,7 +165,7 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c(f"const bool keep = {keep};",
       "float scale;")
     c.open("if (KW == 1)")
-    c("scale = 1.f / ls[KW > 1 ? 0 : nt][e];")
+    c("scale = __fdividef(1.f, cs[nt][e]);")
     c.close(" else {")
     c.depth += 1
     c("float M = red_s[i].x;",
@@ -162,8 +174,8 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
       "float total = 0.f;",
       "#pragma unroll",
       "for (int w = 0; w < KW; ++w) total += red_s[w * BLOCK_N + i].y * "
-      "exp2f(red_s[w * BLOCK_N + i].x - M);",
-      "scale = exp2f(red_s[kw * BLOCK_N + i].x - M) / total;")
+      "ex2(red_s[w * BLOCK_N + i].x - M);",
+      "scale = __fdividef(ex2(cm[nt][e] - M), total);")
     c.close()
     c("if (!keep) scale = 0.f;",
       "#pragma unroll")
@@ -234,3 +246,15 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     c.close()
     return finish(c, "gma_write_fwd", "responsibility + slot_write over keys (register "
                   "fragments, mma.sync)", v, t, config)
+
+
+def _column_rounds(c: Code, step: str) -> None:
+    """``step`` (of ``nt``, ``e``, ``o``) over the 8 row groups of a fragment (lanes
+    xor 4, 8, 16): each round over every column of the tile."""
+    c("#pragma unroll")
+    c.open("for (int o = 4; o < 32; o <<= 1)")
+    c("#pragma unroll")
+    c.open("for (int nt = 0; nt < TOK / 8; ++nt)")
+    c("#pragma unroll", f"for (int e = 0; e < 2; ++e) {step}")
+    c.close()
+    c.close()

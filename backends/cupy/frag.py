@@ -120,7 +120,8 @@ class Shape:
     kpad: int   # K padded to KW * MK * 16 (write) or 16 (read)
     dpad: int
     kw: int     # write: warps along K
-    mk: int     # write: 16-row tiles of K per warp; scan: of the state S per warp
+    mk: int     # write: 16-row tiles of K per warp; scan: of the state S per warp;
+                # read: 16-token tiles per warp and step
     tg: int     # write: token groups
     tok: int    # write: tokens per warp and tile
 
@@ -139,7 +140,7 @@ def shape(v: Variant, t: Tiles) -> Shape:
         return Shape(kw * mk * 16, pad16(v.D), kw, mk, tg, t.block_n // tg)
     if v.kind == "scan":
         return Shape(pad16(v.K), pad16(v.D), 1, -(-tiles // max(1, warps)), warps, 16)
-    return Shape(pad16(v.K), pad16(v.D), 1, 1, warps, 16)
+    return Shape(pad16(v.K), pad16(v.D), 1, max(1, t.block_n // (16 * warps)), warps, 16)
 
 
 def scan_registers(v: Variant, t: Tiles) -> int:
@@ -192,11 +193,13 @@ def problems(v: Variant, t: Tiles) -> list[str]:
                        f"{scan_registers(v, t)} accumulator registers per thread, at most "
                        f"{SCAN_REGISTERS}")
     else:
-        if t.block_n != 16 * warps:
-            out.append(f"block_n={t.block_n} must be 16 x the {warps} warps (each warp reads "
-                       f"16 tokens per step)")
-        if (s.kpad + t.block_dv) // 2 > 128:
-            out.append(f"K={v.K}, block_dv={t.block_dv}: too many accumulator registers")
+        if t.block_n not in (16 * warps, 32 * warps):
+            out.append(f"block_n={t.block_n} must be 16 or 32 x the {warps} warps (each warp "
+                       f"reads 16 or 32 tokens per step)")
+        elif (s.mk * s.kpad + t.block_dv) // 2 > 128:
+            out.append(f"K={v.K}, block_n={t.block_n}, block_dv={t.block_dv}: "
+                       f"{(s.mk * s.kpad + t.block_dv) // 2} accumulator registers per thread, "
+                       f"at most 128")
     return out
 
 
@@ -271,10 +274,11 @@ def buffers(v: Variant, t: Tiles) -> list[tuple[str, str, int, int]]:
         add("c_s", "float", s.kpad, 4)
         if cov == "spherical":
             add("asq_s", "float", s.kpad, 4)
-            add("xsq_s", "float", 16 * warps, 4)
-        # per warp: its token pieces, then (aliased) its y tile
-        per_warp = _align(max(ntp * 16 * s.dh * 2, 16 * vh * 2))
-        out.append(("tok_s", "W_t", warps * per_warp // 2, at))
+            add("xsq_s", "float", s.mk * 16 * warps, 4)
+        # per warp: its token rows (raw: the pieces are split in registers), then
+        # (aliased) its y tile
+        per_warp = _align(max(s.mk * 16 * s.dh * 2, s.mk * 16 * vh * 2))
+        out.append(("tok_s", "T_t", warps * per_warp // 2, at))
         at += warps * per_warp
     return out
 
@@ -307,11 +311,11 @@ def constants(v: Variant, t: Tiles) -> list[str]:
                 "constexpr int PER_WARP = %d;  // 16-bit elements of a warp's token / y tile"
                 % (_align(max(16 * s.dh * 2, 16 * (t.block_dv + 8) * 2)) // 2)]
     else:
-        out.append("constexpr int XC = (16 * (DPAD / 8) + 31) / 32;  // prefetched 16-byte "
+        out.append(f"constexpr int MT = {s.mk};  // 16-token tiles per warp and step")
+        out.append("constexpr int XC = (16 * MT * (DPAD / 8) + 31) / 32;  // prefetched 16-byte "
                    "vectors of q per lane")
         out.append("constexpr int PER_WARP = %d;  // 16-bit elements of a warp's tile"
-                   % (_align(max(len(token_pieces(v, cov)) * 16 * s.dh * 2,
-                                 16 * (t.block_dv + 8) * 2)) // 2))
+                   % (_align(max(s.mk * 16 * s.dh * 2, s.mk * 16 * (t.block_dv + 8) * 2)) // 2))
     return out
 
 
@@ -366,6 +370,14 @@ GMA_DEVICE float2 unpack_T2(unsigned u) {
 GMA_DEVICE unsigned pack_w2(W_t lo, W_t hi) {
   return static_cast<unsigned>(__bfloat16_as_ushort(lo))
          | (static_cast<unsigned>(__bfloat16_as_ushort(hi)) << 16);
+}
+// 2^x on the SFU alone (ex2.approx.ftz: relative error ~2^-22, -inf -> 0, results below
+// 2^-126 flush to zero); exp2f adds a compare and two multiplies per call to keep subnormal
+// results, which the softmax's responsibilities (relative to 1) do not need
+GMA_DEVICE float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 // x = p[0] + p[1] + ... in bfloat16 pieces (each the rounding of what is left)
 template <int NP> GMA_DEVICE void split_bf16(float x, W_t (&p)[NP]) {
@@ -459,6 +471,7 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
     c(f"// {t} rows -> bfloat16 pieces " + ", ".join(p.name for p in tps)
       + " (exact splits; zeros outside)")
     c.open(f"if (D % 8 == 0 && {t}_vec)")
+    c("// 8 columns of a row per work item: each piece one 16-byte store")
     c("#pragma unroll")
     c.open(f"for (int j = 0; j < {count}; ++j)")
     c(f"const int idx = {ids} + j * {step};",
@@ -466,11 +479,29 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
       "const int i = idx / (DPAD / 8), d = (idx % (DPAD / 8)) * 8;",
       "float f[8];",
       f"unpack8({reg}[j], f);  // zeros outside (emit_fetch)",
+      f"unsigned pk[{len(tps)}][4];  // the pieces, two columns per register",
       "#pragma unroll")
-    c.open("for (int e = 0; e < 8; ++e)")
-    for line in store("i", "d + e", "f[e]"):
-        c(line)
+    c.open("for (int e = 0; e < 4; ++e)")
+    c("const float x0 = f[2 * e], x1 = f[2 * e + 1];")
+    for of, val in (("x", "{}"), ("xx", "{0} * {0}")):
+        ps = [p for p in tps if p.of == of]
+        if not ps:
+            continue
+        if of == "x" and len(ps) == 1:
+            c(f"pk[{tps.index(ps[0])}][e] = pack_w2(__float2bfloat16_rn(x0), "
+              "__float2bfloat16_rn(x1));  // exact")
+            continue
+        n = len(ps)
+        c("{", f"  W_t lo[{n}], hi[{n}];" + ("  // x*x: exact in float32" if of == "xx" else ""),
+          f"  split_bf16({val.format('x0')}, lo);", f"  split_bf16({val.format('x1')}, hi);")
+        for j, p in enumerate(ps):
+            c(f"  pk[{tps.index(p)}][e] = pack_w2(lo[{j}], hi[{j}]);")
+        c("}")
     c.close()
+    c("#pragma unroll",
+      f"for (int p = 0; p < {len(tps)}; ++p)",
+      f"  *reinterpret_cast<uint4*>({tile} + p * {stride} + i * DH + d) = "
+      "make_uint4(pk[p][0], pk[p][1], pk[p][2], pk[p][3]);")
     c.close()
     c.close(" else {")
     c.depth += 1
@@ -499,25 +530,33 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
 
 def emit_logit_products(c: Code, v: Variant, covariance: str, acc: str, a_tile: str,
                         a_row: str, a_stride: str, b_tile: str, b_row: str, b_stride: str,
-                        a_is_coef: bool, nt: str, a_raw: bool = False) -> None:
+                        a_is_coef: bool, nt: str, a_raw: bool = False, m_tiles: int = 0) -> None:
     """``acc[nt][4]`` (+)= sum of the kept piece products over DPAD: A fragments from
     ``a_tile`` (16 rows at ``a_row``, piece p at + p * a_stride), B fragments (n-tile pairs,
     rows ``b_row`` + 16 j) from ``b_tile``.  ``a_is_coef``: the coefficient pieces are A
-    (write: L^T) or B (read: L).  ``a_raw`` (scan): ``a_tile`` holds the tokens
-    themselves (T) and their pieces are split from the loaded fragment in registers."""
+    (write: L^T) or B (read: L).  ``a_raw`` (read, scan): ``a_tile`` holds the tokens
+    themselves (T) and their pieces are split from the loaded fragment in registers.
+    ``m_tiles`` (read, raw): ``acc[m][nt][4]`` for m_tiles 16-row tiles of A (rows
+    ``a_row`` + 16 m), each B fragment loaded once for all of them."""
     tl = terms(v, covariance)
     na = len(coefficient_pieces(covariance)) if a_is_coef else len(token_pieces(v, covariance))
     nb = len(token_pieces(v, covariance)) if a_is_coef else len(coefficient_pieces(covariance))
+    ms = list(range(max(1, m_tiles)))
+    accs = [f"{acc}[{m}]" for m in ms] if m_tiles else [acc]
+    afs = [f"af[{m}]" for m in ms] if m_tiles else ["af"]
     # one k step at a time: the fragments of every step at once would not fit the registers
     c("#pragma unroll 1")
     c.open("for (int ks = 0; ks < DPAD / 16; ++ks)")
-    c(f"unsigned af[{na}][4];  // A fragments: rows lane % 16, columns (lane / 16) * 8")
-    if a_raw:
-        _raw_token_fragments(c, v, covariance, a_tile, a_row)
-    else:
-        c("#pragma unroll")
-        c(f"for (int p = 0; p < {na}; ++p) ldsm_x4(af[p], {a_tile} + p * {a_stride} + "
-          f"({a_row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);")
+    c(f"unsigned af{f'[{len(ms)}]' if m_tiles else ''}[{na}][4];  "
+      "// A fragments: rows lane % 16, columns (lane / 16) * 8")
+    for m, af in zip(ms, afs):
+        row = f"{a_row} + {16 * m}" if m else a_row
+        if a_raw:
+            _raw_token_fragments(c, v, covariance, a_tile, row, af)
+        else:
+            c("#pragma unroll")
+            c(f"for (int p = 0; p < {na}; ++p) ldsm_x4({af}[p], {a_tile} + p * {a_stride} + "
+              f"({row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);")
     c("#pragma unroll")
     c.open(f"for (int j = 0; j < {nt} / 2; ++j)")
     c(f"unsigned bf[{nb}][4];  // B fragments of n-tiles 2j, 2j + 1")
@@ -526,17 +565,21 @@ def emit_logit_products(c: Code, v: Variant, covariance: str, acc: str, a_tile: 
       f"({b_row} + j * 16 + ((lane >> 4) << 3) + (lane & 7)) * DH + ks * 16 + ((lane >> 3) & 1) * 8);")
     for ci, ti in tl:
         ai, bi = (ci, ti) if a_is_coef else (ti, ci)
-        c(f"mma_bf16({acc}[2 * j], af[{ai}], bf[{bi}][0], bf[{bi}][1]);",
-          f"mma_bf16({acc}[2 * j + 1], af[{ai}], bf[{bi}][2], bf[{bi}][3]);")
+        for a, af in zip(accs, afs):
+            c(f"mma_bf16({a}[2 * j], {af}[{ai}], bf[{bi}][0], bf[{bi}][1]);",
+              f"mma_bf16({a}[2 * j + 1], {af}[{ai}], bf[{bi}][2], bf[{bi}][3]);")
     c.close()
     c.close()
 
 
-def _raw_token_fragments(c: Code, v: Variant, covariance: str, tile: str, row: str) -> None:
-    """af[piece][4]: the token pieces (token_pieces) of one A fragment, split in
+def _raw_token_fragments(c: Code, v: Variant, covariance: str, tile: str, row: str,
+                         af: str = "af") -> None:
+    """``af``[piece][4]: the token pieces (token_pieces) of one A fragment, split in
     registers from the raw tokens' fragment (the same exact splits as
     emit_token_pieces: a register holds two columns, each split alone)."""
     tps = token_pieces(v, covariance)
+    c("{")
+    c.depth += 1
     c("unsigned xr[4];  // the tokens (T) of this fragment",
       f"ldsm_x4(xr, {tile} + ({row} + (lane & 15)) * DH + ks * 16 + (lane >> 4) * 8);",
       "#pragma unroll")
@@ -547,15 +590,17 @@ def _raw_token_fragments(c: Code, v: Variant, covariance: str, tile: str, row: s
         if not ps:
             continue
         if of == "x" and v.dtype == "bf16":
-            c(f"af[{tps.index(ps[0])}][r] = xr[r];  // bfloat16 tokens are their own piece")
+            c(f"{af}[{tps.index(ps[0])}][r] = xr[r];  // bfloat16 tokens are their own piece")
             continue
         n = len(ps)
         c("{", f"  W_t lo[{n}], hi[{n}];",
           f"  split_bf16({val.format('x')}, lo);", f"  split_bf16({val.format('y')}, hi);")
         for j, p in enumerate(ps):
-            c(f"  af[{tps.index(p)}][r] = pack_w2(lo[{j}], hi[{j}]);")
+            c(f"  {af}[{tps.index(p)}][r] = pack_w2(lo[{j}], hi[{j}]);")
         c("}")
     c.close()
+    c.depth -= 1
+    c("}")
 
 
 def emit_row_softmax(c: Code, acc: str, cs: str, asq: str = "", xsq: str = "",
@@ -590,12 +635,13 @@ def emit_row_softmax(c: Code, acc: str, cs: str, asq: str = "", xsq: str = "",
       f"float {s0} = 0.f, {s1} = 0.f;",
       "#pragma unroll")
     c.open("for (int nt = 0; nt < KPAD / 8; ++nt)")
-    c(f"{acc}[nt][0] = exp2f({acc}[nt][0] - {m0}); {acc}[nt][1] = exp2f({acc}[nt][1] - {m0});",
-      f"{acc}[nt][2] = exp2f({acc}[nt][2] - {m1}); {acc}[nt][3] = exp2f({acc}[nt][3] - {m1});",
+    c(f"{acc}[nt][0] = ex2({acc}[nt][0] - {m0}); {acc}[nt][1] = ex2({acc}[nt][1] - {m0});",
+      f"{acc}[nt][2] = ex2({acc}[nt][2] - {m1}); {acc}[nt][3] = ex2({acc}[nt][3] - {m1});",
       f"{s0} += {acc}[nt][0] + {acc}[nt][1];", f"{s1} += {acc}[nt][2] + {acc}[nt][3];")
     c.close()
     c(f"{s0} += __shfl_xor_sync(0xffffffffu, {s0}, 1); "
       f"{s0} += __shfl_xor_sync(0xffffffffu, {s0}, 2);",
       f"{s1} += __shfl_xor_sync(0xffffffffu, {s1}, 1); "
       f"{s1} += __shfl_xor_sync(0xffffffffu, {s1}, 2);",
-      f"const float {p}inv0 = 1.f / {s0}, {p}inv1 = 1.f / {s1};")
+      f"const float {p}inv0 = __fdividef(1.f, {s0}), {p}inv1 = __fdividef(1.f, {s1});  "
+      "// sums >= 1 (the max adds exp2(0))")

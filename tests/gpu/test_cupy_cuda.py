@@ -214,18 +214,21 @@ def test_mma_configs(norm, causal, cfg):
 
 # explicit register-fragment configs (mma=2, bidirectional write and read): warps along K
 # with two 16-row tiles each (K = 80: KW = 3, MK = 2), one warp along K (K = 7), D and Dv
-# that pad, several token groups, 1, 2 and 4 read warps; bnhd and bhnd
+# that pad, several token groups, 1, 2 and 4 read warps of 16 or 32 tokens a step (MT = 1,
+# 2); bnhd and bhnd
 FRAG_CASES = [  # (D, Dv, K), write config, read config, token dtypes
     ((40, 72, 24), dict(block_n=64, block_dv=16, num_threads=128),
      dict(block_n=64, block_dv=16, num_threads=128), ("bf16", "f16")),
     ((20, 33, 7), dict(block_n=32, block_dv=32, num_threads=64),
      dict(block_n=32, block_dv=32, num_threads=64), ("bf16", "f16")),
     ((48, 64, 80), dict(block_n=16, block_dv=32, num_threads=96),
-     dict(block_n=32, block_dv=32, num_threads=64), ("bf16", "f16")),
+     dict(block_n=64, block_dv=32, num_threads=64), ("bf16", "f16")),
     ((64, 64, 64), dict(block_n=64, block_dv=64, num_threads=256),
+     dict(block_n=128, block_dv=64, num_threads=128), ("bf16",)),
+    ((64, 64, 64), dict(block_n=64, block_dv=64, num_threads=128),
      dict(block_n=32, block_dv=32, num_threads=64), ("bf16",)),
     ((16, 8, 1), dict(block_n=16, block_dv=16, num_threads=32),
-     dict(block_n=16, block_dv=16, num_threads=32), ("bf16", "f16"))]
+     dict(block_n=32, block_dv=16, num_threads=32), ("bf16", "f16"))]
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])

@@ -116,7 +116,7 @@ def test_defaults():
 @pytest.mark.parametrize("kind,over,match", [
     ("write", dict(num_threads=192), r"multiple of the 4 warps along K"),
     ("write", dict(block_n=16), r"block_n=16 must be a multiple of 16 x 2 token groups"),
-    ("read", dict(block_n=32), r"block_n=32 must be 16 x the 4 warps"),
+    ("read", dict(block_n=32), r"block_n=32 must be 16 or 32 x the 4 warps"),
     ("read", dict(block_dv=8), r"block_dv=8 with mma=2: expected a multiple of 16"),
 ])
 def test_invalid_configs_name_the_knob(kind, over, match):
@@ -175,6 +175,8 @@ def test_source_structure(kind, cov):
     ("read", "bf16", (64, 64, 64), None),
     ("read", "f16", (40, 72, 24), dict(block_n=128, block_dv=16, num_threads=256)),
     ("read", "bf16", (32, 64, 128), None),
+    ("read", "bf16", (64, 64, 64), dict(block_n=128)),  # two 16-token tiles per warp step
+    ("read", "f16", (40, 72, 24), dict(block_n=64, num_threads=64)),
 ])
 def test_compiles_without_spills(kind, dtype, shape, cfg, arch):
     D, Dv, K = shape

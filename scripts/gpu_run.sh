@@ -2,7 +2,7 @@
 # One call on the GPU machine: install what is missing, run the GPU tests against the
 # oracle, run the benchmark, write everything under $OUT (JSON + logs).
 #
-#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|explore-cupy|tune|tuned|cp|profile|host|ncu]   (OUT defaults to ./gpu_out)
+#   bash scripts/gpu_run.sh [all|tests|bench|train|quick|explore|explore-bwd|explore-cupy|stress|tune|tuned|cp|profile|host|ncu]   (OUT defaults to ./gpu_out)
 #
 # The TVM backend needs .carry/tvm (scripts/pack_tvm_runtime.sh, run on the CPU
 # machine; pass carry=[".carry/tvm"]): TVM's runtime and exported kernels.
@@ -123,6 +123,12 @@ fi
 if [[ "$mode" == explore-bwd ]]; then
   timeout "${EXPLORE_TIMEOUT:-300}" $PY benchmarks/explore_backward.py 65536 "$OUT/explore_backward.json" 2>&1 \
       | tee "$OUT/explore_backward.log" | tail -80
+fi
+if [[ "$mode" == stress ]]; then
+  # the intermittent NaN of CuPy's float16 bidirectional cases: STRESS_TRIALS fresh inputs
+  # per case, where the NaN is and whether the same inputs repeat it
+  timeout "${STRESS_TIMEOUT:-200}" $PY scripts/stress_nan.py "$OUT/stress_nan.json" \
+      "${STRESS_TRIALS:-100}" 2>&1 | tee "$OUT/stress_nan.log" | tail -20
 fi
 if [[ "$mode" == explore-cupy ]]; then
   # the CuPy register-fragment (mma=2) tiles, one kernel's config at a time (EXPLORE_N)

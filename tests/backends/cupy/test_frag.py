@@ -166,6 +166,31 @@ def test_source_structure(kind, cov):
         assert ("1.f / (n_s[k] + EPS)" in body) == (v.norm == "slot")
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("block_n,mt", [(64, 1), (128, 2)])
+def test_read_steps_of_one_or_two_tiles(block_n, mt, dtype):
+    """The read kernel on raw token rows: the pieces split in registers from each A
+    fragment (one ldmatrix of the rows per tile and k step), no piece tile; with two
+    16-token tiles per warp step each B fragment of the coefficients feeds both."""
+    v = Variant("read", 64, 64, 64, dtype, eps=1e-6)
+    cfg = space.default_config("read", 64, 64, 64, dtype, variant=v).replace(block_n=block_n)
+    space.validate("read", cfg, v)
+    t = space.tiles_of(cfg)
+    assert frag.shape(v, t).mk == mt
+    src = emit_read.emit(v, t, dict(cfg)).source
+    body = src[src.index('extern "C"'):]
+    loop = body[body.index("for (long long n0"):]
+    n_terms = len(frag.terms(v, "diag"))
+    assert f"constexpr int MT = {mt};" in src
+    assert loop.count("ldsm_x4(xr, xt") == mt  # raw rows of each tile
+    assert loop.count("ldsm_x4(bf[p], coef_s") == 1  # one B load serves every tile
+    assert sum(loop.count(f"mma_bf16(acc[{m}][2 * j]") for m in range(mt)) == mt * n_terms
+    assert loop.count("float yacc[BLOCK_DV / 8][4];") == mt
+    assert "__syncthreads();" not in loop  # the warps run alone
+    tile = next(b for b in frag.buffers(v, t) if b[0] == "tok_s")
+    assert tile[1] == "T_t"  # raw tokens, not bfloat16 pieces
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("kind,dtype,shape,cfg", [
     ("write", "bf16", (64, 64, 64), None),

@@ -483,20 +483,8 @@ def emit_token_pieces(c: Code, v: Variant, covariance: str, t: str, rows: str, r
       "#pragma unroll")
     c.open("for (int e = 0; e < 4; ++e)")
     c("const float x0 = f[2 * e], x1 = f[2 * e + 1];")
-    for of, val in (("x", "{}"), ("xx", "{0} * {0}")):
-        ps = [p for p in tps if p.of == of]
-        if not ps:
-            continue
-        if of == "x" and len(ps) == 1:
-            c(f"pk[{tps.index(ps[0])}][e] = pack_w2(__float2bfloat16_rn(x0), "
-              "__float2bfloat16_rn(x1));  // exact")
-            continue
-        n = len(ps)
-        c("{", f"  W_t lo[{n}], hi[{n}];" + ("  // x*x: exact in float32" if of == "xx" else ""),
-          f"  split_bf16({val.format('x0')}, lo);", f"  split_bf16({val.format('x1')}, hi);")
-        for j, p in enumerate(ps):
-            c(f"  pk[{tps.index(p)}][e] = pack_w2(lo[{j}], hi[{j}]);")
-        c("}")
+    _pack_pieces(c, tps, "pk[{}][e]", "x0", "x1",
+                 "pack_w2(__float2bfloat16_rn(x0), __float2bfloat16_rn(x1))")
     c.close()
     c("#pragma unroll",
       f"for (int p = 0; p < {len(tps)}; ++p)",
@@ -585,22 +573,31 @@ def _raw_token_fragments(c: Code, v: Variant, covariance: str, tile: str, row: s
       "#pragma unroll")
     c.open("for (int r = 0; r < 4; ++r)")
     c("const float2 f = unpack_T2(xr[r]);")
-    for of, val in (("x", "f.{}"), ("xx", "f.{0} * f.{0}")):
-        ps = [p for p in tps if p.of == of]
-        if not ps:
-            continue
-        if of == "x" and v.dtype == "bf16":
-            c(f"{af}[{tps.index(ps[0])}][r] = xr[r];  // bfloat16 tokens are their own piece")
-            continue
-        n = len(ps)
-        c("{", f"  W_t lo[{n}], hi[{n}];",
-          f"  split_bf16({val.format('x')}, lo);", f"  split_bf16({val.format('y')}, hi);")
-        for j, p in enumerate(ps):
-            c(f"  {af}[{tps.index(p)}][r] = pack_w2(lo[{j}], hi[{j}]);")
-        c("}")
+    _pack_pieces(c, tps, af + "[{}][r]", "f.x", "f.y", "xr[r]")
     c.close()
     c.depth -= 1
     c("}")
+
+
+def _pack_pieces(c: Code, tps: list[Piece], dst: str, lo: str, hi: str, own: str) -> None:
+    """``dst.format(piece index)`` = the bfloat16 pieces ``tps`` of two adjacent columns
+    (floats ``lo``, ``hi``), one register each (the lower column in the low half):
+    x split alone, x*x squared then split (exact in float32).  ``own``: the register
+    of the pair when x is its own piece (bfloat16 tokens)."""
+    for of in ("x", "xx"):
+        ps = [p for p in tps if p.of == of]
+        if not ps:
+            continue
+        if of == "x" and len(ps) == 1:
+            c(f"{dst.format(tps.index(ps[0]))} = {own};  // bfloat16 tokens are their own piece")
+            continue
+        a, b = (lo, hi) if of == "x" else (f"{lo} * {lo}", f"{hi} * {hi}")
+        c("{", f"  W_t lo[{len(ps)}], hi[{len(ps)}];"
+          + ("  // x*x: exact in float32" if of == "xx" else ""),
+          f"  split_bf16({a}, lo);", f"  split_bf16({b}, hi);")
+        for j, p in enumerate(ps):
+            c(f"  {dst.format(tps.index(p))} = pack_w2(lo[{j}], hi[{j}]);")
+        c("}")
 
 
 def emit_row_softmax(c: Code, acc: str, cs: str, asq: str = "", xsq: str = "",

@@ -127,8 +127,39 @@ fi
 if [[ "$mode" == stress ]]; then
   # the intermittent NaN of CuPy's float16 bidirectional cases: STRESS_TRIALS fresh inputs
   # per case, where the NaN is and whether the same inputs repeat it
-  timeout "${STRESS_TIMEOUT:-200}" $PY scripts/stress_nan.py "$OUT/stress_nan.json" \
-      "${STRESS_TRIALS:-100}" 2>&1 | tee "$OUT/stress_nan.log" | tail -20
+  [[ -z "${STRESS_PROCS:-}" ]] && timeout "${STRESS_TIMEOUT:-200}" $PY scripts/stress_nan.py \
+      "$OUT/stress_nan.json" "${STRESS_TRIALS:-100}" 2>&1 | tee "$OUT/stress_nan.log" | tail -20
+  # the same with every SM's shared memory NaN-filled before each call (STRESS_POISON=1)
+  [[ -n "${STRESS_POISON:-}" ]] && timeout "${STRESS_TIMEOUT:-200}" $PY scripts/stress_nan.py \
+      "$OUT/stress_poison.json" "${STRESS_TRIALS:-100}" --poison 2>&1 | tee "$OUT/stress_poison.log" | tail -20
+  # or STRESS_PROCS processes at once (odd ones unchecked: no synchronize per launch; the GPU tests' 8 pytest workers): a queue of other
+  # contexts' work on the GPU changes the timing of everything
+  if [[ -n "${STRESS_PROCS:-}" ]]; then
+    for i in $(seq "$STRESS_PROCS"); do
+      timeout "${STRESS_TIMEOUT:-200}" $PY scripts/stress_nan.py "/tmp/stress_p$i.json" \
+          "${STRESS_TRIALS:-100}" $( ((i % 2)) && echo --no-check) >"/tmp/stress_p$i.log" 2>&1 &
+    done
+    wait
+    for i in $(seq "$STRESS_PROCS"); do echo "-- process $i"; cat "/tmp/stress_p$i.log"; done \
+        | tee "$OUT/stress_procs.log" | grep -v "^{" | tail -40
+    grep -h "^{" /tmp/stress_p*.log | head -20 >"$OUT/stress_procs_hits.jsonl"
+  fi
+  # compute-sanitizer (pip's nvidia-cuda-sanitizer-api wheel carried as .carry/san/*.whl):
+  # races in shared memory, out-of-bounds accesses, barriers, reads of unwritten memory
+  if ls .carry/san/*.whl >/dev/null 2>&1; then
+    for whl in .carry/san/*.whl; do $PY -m zipfile -e "$whl" /tmp/san; done
+    SAN="$(find /tmp/san -name compute-sanitizer -type f | head -1)"  # bin/ or compute-sanitizer/
+    chmod -R +x "$(dirname "$SAN")"
+    for tool in ${SAN_TOOLS:-racecheck memcheck synccheck initcheck}; do
+      extra=(); [[ $tool == initcheck ]] && extra=(--no-fill)
+      echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitizer.log"
+      timeout "${SAN_TIMEOUT:-120}" "$SAN" --tool "$tool" --print-limit 20 \
+          $PY scripts/stress_nan.py "/tmp/san_$tool.json" "${SAN_TRIALS:-2}" --no-check "${extra[@]}" \
+          >>"$OUT/sanitizer.log" 2>&1
+      echo "rc=$?" | tee -a "$OUT/sanitizer.log"
+      grep -E "ERROR SUMMARY|Race reported|Invalid|Uninitialized|Barrier" "$OUT/sanitizer.log" | tail -5
+    done
+  fi
 fi
 if [[ "$mode" == explore-cupy ]]; then
   # the CuPy register-fragment (mma=2) tiles, one kernel's config at a time (EXPLORE_N)

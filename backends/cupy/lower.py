@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Optional
 
+from gmagen.adapters.streams import torch_stream
 from gmagen.config import Config
 from gmagen.errors import UnsupportedFeature
 from gmagen.ir import ops as _ops
@@ -365,12 +366,11 @@ def _mixture(op: _ops.Responsibility) -> tuple[str, str, str]:
 
 def _torch_stream(x: Any, stream: Any) -> Any:
     """Torch tensors (native "torch"): make the launch stream torch's current one
-    too, so that buffers torch allocates here belong to the stream that uses them."""
+    too, so that buffers torch allocates (and, in the GPU tests, NaN-fills) here
+    belong to the stream that uses them (streams.py: why not ExternalStream(0))."""
     if not launch.is_torch(x):
         return contextlib.nullcontext()
-    import torch
-
-    return torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr, device=x.device))
+    return torch_stream(stream.ptr, x.device)
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any, Mapping
 
+from gmagen.adapters.streams import torch_stream
 from gmagen.config import Config
 from gmagen.errors import DTypeError, UnsupportedFeature
 from gmagen.ir import ops as _ops
@@ -328,7 +329,6 @@ def _caller_stream(binding: Any, x: Any) -> Any:
     (torch's current stream is what Triton uses otherwise)."""
     if binding.framework == "cupy" and x.is_cuda:
         import cupy
-        import torch
 
-        return torch.cuda.stream(torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr))
+        return torch_stream(cupy.cuda.get_current_stream().ptr, x.device)
     return contextlib.nullcontext()

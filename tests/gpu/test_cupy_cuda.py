@@ -128,7 +128,12 @@ def _check(program, arrs, dtype, mask=None, tol=None, name="", init=None, config
             config=str(kern.config), mma=[int(c["mma"]) for c in _configs(kern)])
     _assert_path(kern, dtype, config)
     assert y.dtype == TORCH_DTYPES[dtype]
-    assert err <= tol, f"{name}: y error {err:.3e} > {tol:.0e}"
+    # where a NaN or inf is, when there is one (the kernel that wrote it: S and n come from
+    # the write kernel, y from the read kernel or the scan)
+    nonfinite = {k: int((~torch.isfinite(t.float())).sum()) for k, t in (("y", y), ("S", s), ("n", n))}
+    assert err <= tol, (f"{name}: y error {err:.3e} > {tol:.0e}; non-finite elements {nonfinite} "
+                        f"of y {tuple(y.shape)}, S {tuple(s.shape)}, n {tuple(n.shape)}; "
+                        f"config {kern.config}")
     assert err_s <= max(tol, 1e-4), f"{name}: state S error {err_s:.3e}"
     assert err_n <= 1e-4, f"{name}: state n error {err_n:.3e}"
     return kern
@@ -512,6 +517,35 @@ def test_torch_caller_stream():
         err = _rel(y2.cpu().numpy(), ref)
         _record(test=f"cupy-torch-stream-{causal}", dtype="f32", error=err, tol=1e-4)
         assert isinstance(y, torch.Tensor) and err <= 1e-4
+
+
+def test_default_stream_buffers(monkeypatch):
+    """torch tensors on the default stream: every buffer is allocated (and, in these
+    tests, NaN-filled) on the stream the kernels run on.  Wrapping pointer 0 as
+    torch.cuda.ExternalStream(0) made them a non-blocking pool stream's: under load
+    (8 processes on the GPU) the fills landed after the kernels, y came back all NaN."""
+    from gmagen.backends.cupy import launch
+
+    seen = []
+    real_empty, real_launch = launch.empty, launch.launch
+
+    def empty(like, shape, dtype=None):
+        seen.append(("buffer", int(torch.cuda.current_stream().cuda_stream)))
+        return real_empty(like, shape, dtype)
+
+    def launch_(fn, emitted, grid, args, stream, device):
+        seen.append((emitted.name, int(stream.ptr)))
+        return real_launch(fn, emitted, grid, args, stream, device)
+
+    monkeypatch.setattr(launch, "empty", empty)
+    monkeypatch.setattr(launch, "launch", launch_)
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 300, 2, 64, 64, 32, "diag", "bf16")
+    for causal in (False, True):
+        _check(gmagen.gma(causal=causal), arrs, "bf16", name=f"cupy-default-stream-{causal}")
+    default = int(torch.cuda.default_stream().cuda_stream)
+    assert {what for what, _ in seen} >= {"buffer", "gma_write_fwd", "gma_read_fwd"}
+    assert all(ptr == default for _, ptr in seen), sorted(set(seen))
 
 
 def test_cupy_caller():

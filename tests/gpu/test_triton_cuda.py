@@ -236,6 +236,36 @@ def test_cupy_caller():
         assert err <= 1e-4
 
 
+def test_cupy_default_stream(monkeypatch):
+    """CuPy arrays on CuPy's default stream (pointer 0): the Triton kernels run on the
+    default stream too.  torch.cuda.ExternalStream(0) is a fresh non-blocking pool
+    stream (gmagen/adapters/streams.py), which nothing orders with the caller's work."""
+    cupy = pytest.importorskip("cupy")
+    from gmagen.backends.triton import launch
+
+    seen = []
+    real = launch.launch
+
+    def recording(*args, **kwargs):
+        seen.append(int(torch.cuda.current_stream().cuda_stream))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "launch", recording)
+    rng = np.random.default_rng()
+    arrs = _inputs(rng, 2, 257, 2, 64, 64, 32, "diag", "f32")
+    for causal in (False, True):
+        program = gmagen.gma(causal=causal)
+        ref = gmagen.compile(program)(*arrs)
+        with cupy.cuda.Stream.null:
+            y = gmagen.compile(program, backend="triton")(*(cupy.asarray(a, dtype=cupy.float32)
+                                                             for a in arrs))
+        cupy.cuda.Stream.null.synchronize()
+        err = _rel(cupy.asnumpy(y), ref)
+        _record(test=f"cupy-default-stream-{causal}", dtype="f32", error=err, tol=1e-4)
+        assert err <= 1e-4
+    assert seen and set(seen) == {0}, f"torch streams during the launches: {sorted(set(seen))}"
+
+
 def test_deterministic():
     rng = np.random.default_rng()
     for causal in (False, True):

@@ -61,12 +61,14 @@ if [[ "$mode" == all || "$mode" == train ]]; then
 fi
 if [[ "$mode" == tune ]]; then
   # the benchmark grid, both programs; the entries land in $OUT/autotune_<gpu>.json
+  # (TUNE_BACKENDS="cupy": those backends only; default every GPU backend here)
   export GMAGEN_CACHE_DIR="$OUT/cache"
+  backends=(); for b in ${TUNE_BACKENDS:-}; do backends+=(--backend "$b"); done
   timeout "${TUNE_TIMEOUT:-280}" $PY -m gmagen.cli.main tune --budget "${TUNE_BUDGET:-20}" \
-      2>&1 | tee -a "$OUT/tune.log" | tail -12
+      "${backends[@]}" 2>&1 | tee -a "$OUT/tune.log" | tail -12
   # the causal program; --export writes every entry of this GPU (both programs)
   timeout "${TUNE_TIMEOUT:-280}" $PY -m gmagen.cli.main tune --causal --budget "${TUNE_BUDGET:-20}" \
-      --export "$OUT/autotune_export.json" 2>&1 | tee -a "$OUT/tune.log" | tail -12
+      "${backends[@]}" --export "$OUT/autotune_export.json" 2>&1 | tee -a "$OUT/tune.log" | tail -12
 fi
 if [[ "$mode" == tuned ]]; then
   # benchmarks/bench_tuned.py: tune the grid, default/tuned/exhaustive rows, latencies,

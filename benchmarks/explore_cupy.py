@@ -1,11 +1,14 @@
 """Explore CuPy register-fragment (mma=2) tile configs at the benchmark shape on one GPU.
 
 Times the bidirectional forward (write + reduce + read) with one kernel's config
-changed at a time, as METHOD.md says: CUDA events, warm-up, median of repeats,
-two input sets rotated (each larger than L2).  Prints one line per config and
+changed at a time, and the causal forward (segment memories + scan) over the
+number of segments per (b, h) and the scan's tile (the causal rows at N = 1024 and
+4096 are where CuPy is furthest from Triton: 1.72x and 1.38x at 87b8e62), as
+METHOD.md says: CUDA events, warm-up, median of repeats, two input sets rotated
+(each larger than L2 at the benchmark's large N).  Prints one line per config and
 writes the records (JSON) to the path given.
 
-    python benchmarks/explore_cupy.py 65536 out.json
+    python benchmarks/explore_cupy.py 65536 out.json [--causal]
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ CONFIGS = {
                  dict(num_threads=128, block_n=128), dict(num_threads=64, block_n=64),
                  dict(num_threads=256, block_n=256)],
 }
+# the causal plan: one config (the scan's; its segment memories take the write
+# kernel's default); segments 0 = the heuristic (8 blocks per SM over B*H*Dv-blocks)
+CAUSAL_CONFIGS = [dict(segments=s) for s in (1, 2, 4, 8, 16, 32)] + [
+    dict(block_dv=32), dict(block_dv=32, segments=8), dict(block_dv=32, segments=16)]
 
 
 def inputs(n: int, seed: int) -> tuple:
@@ -52,9 +59,37 @@ def time_ms(fn, sets: list, reps: int = 15) -> float:
     return statistics.median(out)
 
 
+def explore_causal(n: int, sets: list) -> list[dict]:
+    """The causal program's scan config, one change at a time."""
+    program = gmagen.gma(causal=True)
+    ref = gmagen.compile(program, backend="cupy", autotune="off")
+    y0 = ref(*sets[0]).float()
+    base = time_ms(ref, sets)
+    rows = [{"kernel": "causal default", "config": str(ref.config), "ms": base, "N": n}]
+    print(f"causal default {ref.config}: {base:.3f} ms", flush=True)
+    for cfg in CAUSAL_CONFIGS:
+        try:
+            kern = gmagen.compile(program, backend="cupy", config={**cfg, "mma": 2})
+            y = kern(*sets[0]).float()
+            gap = float((y - y0).norm() / y0.norm())
+            ms = time_ms(kern, sets)
+        except gmagen.errors.GMAError as exc:
+            print(f"causal {cfg}: {exc}", flush=True)
+            continue
+        rows.append({"kernel": "gma_scan", "config": cfg, "ms": ms, "gap_vs_default": gap, "N": n})
+        print(f"causal {cfg}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
+    return rows
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 65536
     sets = [inputs(n, 1), inputs(n, 2)]
+    if "--causal" in sys.argv:
+        rows = explore_causal(n, sets)
+        if len(args) > 1:
+            json.dump(rows, open(args[1], "w"), indent=1)
+        return
     ref = gmagen.compile(gmagen.gma(), backend="cupy", autotune="off")
     y0 = ref(*sets[0]).float()
     base = time_ms(ref, sets)
@@ -72,8 +107,8 @@ def main() -> None:
                 continue
             rows.append({"kernel": name, "config": cfg, "ms": ms, "gap_vs_default": gap, "N": n})
             print(f"{name} {cfg}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
-    if len(sys.argv) > 2:
-        json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    if len(args) > 1:
+        json.dump(rows, open(args[1], "w"), indent=1)
 
 
 if __name__ == "__main__":

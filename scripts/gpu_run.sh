@@ -165,8 +165,9 @@ if [[ "$mode" == stress ]]; then
 fi
 if [[ "$mode" == explore-cupy ]]; then
   # the CuPy register-fragment (mma=2) tiles, one kernel's config at a time (EXPLORE_N)
+  # (EXPLORE_ARGS=--causal: the causal plan's segments and scan tiles instead)
   timeout "${EXPLORE_TIMEOUT:-200}" $PY benchmarks/explore_cupy.py "${EXPLORE_N:-65536}" \
-      "$OUT/explore_cupy.json" 2>&1 | tee "$OUT/explore_cupy.log" | tail -20
+      "$OUT/explore_cupy.json" ${EXPLORE_ARGS:-} 2>&1 | tee "$OUT/explore_cupy.log" | tail -20
 fi
 if [[ "$mode" == explore ]]; then
   timeout 420 $PY benchmarks/explore_triton.py 65536 "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -60

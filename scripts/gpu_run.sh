@@ -152,6 +152,10 @@ if [[ "$mode" == stress ]]; then
     for whl in .carry/san/*.whl; do $PY -m zipfile -e "$whl" /tmp/san; done
     SAN="$(find /tmp/san -name compute-sanitizer -type f | head -1)"  # bin/ or compute-sanitizer/
     chmod -R +x "$(dirname "$SAN")"
+    # the 13.0 wheel keeps the launcher's injection libraries in ../lib, not beside the
+    # binary as a CUDA toolkit does; the one try without this path ended with "terminated
+    # before first instrumented API call" (whether this path is the cure is not yet known)
+    export LD_LIBRARY_PATH="$(dirname "$(dirname "$SAN")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     for tool in ${SAN_TOOLS:-racecheck memcheck synccheck initcheck}; do
       extra=(); [[ $tool == initcheck ]] && extra=(--no-fill)
       echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitizer.log"

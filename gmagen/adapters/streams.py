@@ -24,12 +24,16 @@ from typing import Any, ContextManager
 
 def torch_stream(ptr: int, device: Any = None) -> ContextManager[Any]:
     """A context in which torch's current stream on ``device`` is the CUDA stream
-    ``ptr`` (0: the default stream).  Nothing changes where it already is."""
+    ``ptr`` (0 or 1: the legacy default stream).  Nothing changes where it already is."""
     import torch
 
     current = torch.cuda.current_stream(device)
     if int(current.cuda_stream) == int(ptr):
         return contextlib.nullcontext(current)
-    if int(ptr) == 0:  # never ExternalStream(0): that is a fresh non-blocking pool stream
+    # never ExternalStream(0): that is a fresh non-blocking pool stream.  1 is
+    # cudaStreamLegacy, the same legacy default stream by its explicit handle, which
+    # torch would misread as one of its own stream ids (odd ids are torch's, even ones
+    # raw pointers: 2, cudaStreamPerThread, wraps fine)
+    if int(ptr) in (0, 1):
         return torch.cuda.stream(torch.cuda.default_stream(device))
     return torch.cuda.stream(torch.cuda.ExternalStream(int(ptr), device=device))

@@ -33,8 +33,9 @@ def made(monkeypatch):
     return made
 
 
-def test_null_pointer_is_the_default_stream(made):
-    with torch_stream(0) as s:
+@pytest.mark.parametrize("ptr", [0, 1])  # NULL and cudaStreamLegacy
+def test_legacy_default_stream_is_torchs_default(made, ptr):
+    with torch_stream(ptr) as s:
         assert s.cuda_stream == 0
     assert made == []
 

@@ -59,25 +59,26 @@ def time_ms(fn, sets: list, reps: int = 15) -> float:
     return statistics.median(out)
 
 
-def explore_causal(n: int, sets: list) -> list[dict]:
-    """The causal program's scan config, one change at a time."""
-    program = gmagen.gma(causal=True)
+def explore(program, label: str, variations: list[tuple[str, dict, dict]], n: int,
+            sets: list) -> list[dict]:
+    """The default config of ``program``, then each variation (kernel name, the config
+    passed to gmagen.compile, the change it makes): time and gap to the default's y."""
     ref = gmagen.compile(program, backend="cupy", autotune="off")
     y0 = ref(*sets[0]).float()
     base = time_ms(ref, sets)
-    rows = [{"kernel": "causal default", "config": str(ref.config), "ms": base, "N": n}]
-    print(f"causal default {ref.config}: {base:.3f} ms", flush=True)
-    for cfg in CAUSAL_CONFIGS:
+    rows = [{"kernel": label, "config": str(ref.config), "ms": base, "N": n}]
+    print(f"{label} {ref.config}: {base:.3f} ms", flush=True)
+    for name, config, change in variations:
         try:
-            kern = gmagen.compile(program, backend="cupy", config={**cfg, "mma": 2})
+            kern = gmagen.compile(program, backend="cupy", config=config)
             y = kern(*sets[0]).float()
             gap = float((y - y0).norm() / y0.norm())
             ms = time_ms(kern, sets)
         except gmagen.errors.GMAError as exc:
-            print(f"causal {cfg}: {exc}", flush=True)
+            print(f"{name} {change}: {exc}", flush=True)
             continue
-        rows.append({"kernel": "gma_scan", "config": cfg, "ms": ms, "gap_vs_default": gap, "N": n})
-        print(f"causal {cfg}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
+        rows.append({"kernel": name, "config": change, "ms": ms, "gap_vs_default": gap, "N": n})
+        print(f"{name} {change}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
     return rows
 
 
@@ -85,28 +86,13 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 65536
     sets = [inputs(n, 1), inputs(n, 2)]
-    if "--causal" in sys.argv:
-        rows = explore_causal(n, sets)
-        if len(args) > 1:
-            json.dump(rows, open(args[1], "w"), indent=1)
-        return
-    ref = gmagen.compile(gmagen.gma(), backend="cupy", autotune="off")
-    y0 = ref(*sets[0]).float()
-    base = time_ms(ref, sets)
-    rows = [{"kernel": "default", "config": str(ref.config), "ms": base, "N": n}]
-    print(f"default {ref.config}: {base:.3f} ms", flush=True)
-    for name, configs in CONFIGS.items():
-        for cfg in configs:
-            try:
-                kern = gmagen.compile(gmagen.gma(), backend="cupy", config={name: {**cfg, "mma": 2}})
-                y = kern(*sets[0]).float()
-                gap = float((y - y0).norm() / y0.norm())
-                ms = time_ms(kern, sets)
-            except gmagen.errors.GMAError as exc:
-                print(f"{name} {cfg}: {exc}", flush=True)
-                continue
-            rows.append({"kernel": name, "config": cfg, "ms": ms, "gap_vs_default": gap, "N": n})
-            print(f"{name} {cfg}: {ms:.3f} ms (default {base:.3f}), gap {gap:.1e}", flush=True)
+    if "--causal" in sys.argv:  # one plan: the scan's config (its segment memories: defaults)
+        rows = explore(gmagen.gma(causal=True), "causal default",
+                       [("gma_scan", {**cfg, "mma": 2}, cfg) for cfg in CAUSAL_CONFIGS], n, sets)
+    else:
+        rows = explore(gmagen.gma(), "default",
+                       [(name, {name: {**cfg, "mma": 2}}, cfg)
+                        for name, configs in CONFIGS.items() for cfg in configs], n, sets)
     if len(args) > 1:
         json.dump(rows, open(args[1], "w"), indent=1)
 

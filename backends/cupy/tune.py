@@ -14,6 +14,7 @@ from . import space as _space
 from .prelude import Variant
 
 D_CHUNKS = (8, 16, 32, 64)
+SEGMENTS = (0, 1, 2, 4, 8, 16, 32, 64)  # 0: the heuristic (space.py); more are clamped to N's tiles
 
 
 def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
@@ -21,8 +22,12 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     """The tile knobs of ``kind`` (KNOBS in space.py; tiles no wider than the head)
     around ``default``; a config is valid when space.validate accepts it for this
     shape (shared memory within the block's limit, block_dv <= num_threads).
-    segments and mma keep their defaults (16-bit tokens: tensor cores; compare
-    with mma=0 by hand, never silently)."""
+    segments (blocks per (b, h) along N) is a knob too: the default fills the GPU
+    with 8 blocks per SM, which at small N or few heads is rarely best for the
+    causal scan (each segment sums the memories of the segments before it) or for
+    the write's reduction; its values are unordered, as 0 (the heuristic) is no
+    count.  mma keeps its default (16-bit tokens: tensor cores; compare with mma=0
+    by hand, never silently)."""
     caps = {"block_dv": _space.pow2_at_least(Dv), "d_chunk": _space.pow2_at_least(D)}
     knobs = {}
     for name in ("block_n", "block_dv", "d_chunk", "num_threads"):
@@ -33,6 +38,9 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
         if default[name] not in values:
             values.append(default[name])
         knobs[name] = Choice(sorted(values), default=default[name])
+    if "segments" in default:
+        values = tuple(dict.fromkeys((int(default["segments"]),) + SEGMENTS))
+        knobs["segments"] = Choice(values, default=int(default["segments"]), ordered=False)
     # one mixture (the canonical program): a config that needs more (two mixtures' tables)
     # fails to lower and the tuner rejects it, reported
     variant = Variant("scan" if kind == "scan" else kind, D, Dv, K, dtype)

@@ -39,3 +39,16 @@ def test_small_limits_prune_big_tiles():
                                                     num_threads=64), 64, 64, 64).prune(small)
     assert 0 < len(list(few)) < len(list(big))
     assert all(c["num_threads"] <= 256 for c in few)
+
+
+@pytest.mark.parametrize("kind", ["write", "read", "scan"])
+def test_segments_are_searched(kind):
+    """Blocks per (b, h) along N: the heuristic (0) and explicit counts, every one a
+    neighbour of every other (0 is no count between 1 and 2)."""
+    default = space.default_config(kind, 64, 64, 64, "bf16")
+    knobs = tune.tuning_space(kind, default, 64, 64, 64, "bf16").knobs
+    seg = knobs["segments"]
+    assert seg.default == 0 and {0, 1, 16} <= set(seg.values()) and not seg.ordered
+    assert "segments" not in tune.tuning_space(
+        "responsibility", space.default_config("responsibility", 64, 64, 64, "bf16"),
+        64, 64, 64, "bf16").knobs

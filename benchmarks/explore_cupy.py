@@ -16,22 +16,34 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-import gmagen
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_triton import capture_graph  # noqa: E402
+
+import gmagen  # noqa: E402
 
 B, H, D, DV, K = 4, 16, 64, 64, 64
+GRAPH_STEPS = 20
 CONFIGS = {
+    # segments: the tuner's pick on an H100 at every N was 128 threads and 8 segments per
+    # (b, h) (the heuristic: 8 blocks per SM, 17 at B*H=64); which of the two matters
     "gma_write": [dict(num_threads=256, block_n=64), dict(num_threads=128, block_n=32),
-                  dict(num_threads=128, block_n=64), dict(num_threads=256, block_n=32)],
+                  dict(num_threads=128, block_n=64), dict(num_threads=256, block_n=32),
+                  dict(num_threads=256, block_n=64, segments=8),
+                  dict(num_threads=256, block_n=64, segments=4),
+                  dict(num_threads=128, block_n=64, segments=8),
+                  dict(num_threads=128, block_n=64, segments=4),
+                  dict(num_threads=128, block_n=32, segments=8)],
     "gma_read": [dict(num_threads=128, block_n=64), dict(num_threads=64, block_n=32),
                  dict(num_threads=128, block_n=128), dict(num_threads=64, block_n=64),
                  dict(num_threads=256, block_n=256)],
 }
 # the causal plan: one config (the scan's; its segment memories take the write
 # kernel's default); segments 0 = the heuristic (8 blocks per SM over B*H*Dv-blocks)
-CAUSAL_CONFIGS = [dict(segments=s) for s in (1, 2, 4, 8, 16, 32)] + [
+CAUSAL_CONFIGS = [dict(segments=s) for s in (1, 2, 4, 8, 16, 32, 64)] + [
     dict(block_dv=32), dict(block_dv=32, segments=8), dict(block_dv=32, segments=16)]
 
 
@@ -44,7 +56,13 @@ def inputs(n: int, seed: int) -> tuple:
     return (*tok, *mix)
 
 
-def time_ms(fn, sets: list, reps: int = 15) -> float:
+def time_ms(fn, sets: list, reps: int = 15, graph_max_n: int = 16384) -> float:
+    """Median ms per call.  Up to ``graph_max_n`` tokens the calls replay from a CUDA
+    graph of GRAPH_STEPS calls (as bench_triton.py): at N = 1024 an eager call's host
+    time (~0.2 ms) would hide the kernels' differences."""
+    n = sets[0][0].shape[1]
+    steps = GRAPH_STEPS if n <= graph_max_n else 1
+    g = capture_graph(fn, sets, steps) if steps > 1 else None
     for s in sets:
         fn(*s)
     torch.cuda.synchronize()
@@ -52,10 +70,13 @@ def time_ms(fn, sets: list, reps: int = 15) -> float:
     for i in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(*sets[i % len(sets)])
+        if g is not None:
+            g.replay()
+        else:
+            fn(*sets[i % len(sets)])
         b.record()
         b.synchronize()
-        out.append(a.elapsed_time(b))
+        out.append(a.elapsed_time(b) / steps)
     return statistics.median(out)
 
 

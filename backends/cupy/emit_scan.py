@@ -93,22 +93,54 @@ def emit(v: Variant, t: Tiles, config: dict) -> Emitted:
     return finish(c, "gma_scan_fwd", f"causal chunked scan ({v.norm} norm)", v, t, config)
 
 
+# elements of the entering state each thread sums at once: their loads of one earlier
+# segment's memory are in flight together (one L2 round trip per segment, not one per
+# element), at GROUP registers
+GROUP = 16
+
+
 def entering_state(c: Code, v: Variant, rows: str, stores: list[str],
                    pad_n: bool = False) -> None:
     """The state entering segment seg, summed per element into ``a``: the initial
     state, then segments 0..seg-1's partial memories (``ps``, ``pn``) in order.
     ``rows`` of S (K, or a padded count whose rows k >= K get 0), each element
-    stored by ``stores``; n_s [K] (``pad_n``: [KPAD], 0 for k >= K)."""
-    c.open(f"for (int idx = tid; idx < {rows} * BLOCK_DV; idx += THREADS)")
-    c("const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
-      "const bool ok = dv0 + j < DV;" if rows == "K" else "const bool ok = k < K && dv0 + j < DV;")
+    stored by ``stores``; n_s [K] (``pad_n``: [KPAD], 0 for k >= K).
+
+    Each thread takes GROUP elements (THREADS apart, so that a warp's loads are
+    coalesced) at a time and walks the segments once for all of them: a loop of
+    segments around one element at a time waited for every load in turn (at
+    N=1024 on an H100, 16 segments: the scan took 204 us, Triton's 112 us).  The
+    sum of each element keeps its order, so the result is the same to the bit."""
+    total = f"{rows} * BLOCK_DV"
+    c(f"constexpr int ES_GROUP = THREADS * {GROUP} < {total} ? {GROUP} : "
+      f"({total} + THREADS - 1) / THREADS;")
+    c.open(f"for (int base = 0; base < {total}; base += THREADS * ES_GROUP)")
+    c("float acc[ES_GROUP];")
+
+    def element(body: list[str], guard: str = "") -> None:
+        c("#pragma unroll")
+        c.open("for (int e = 0; e < ES_GROUP; ++e)")
+        c("const int idx = base + e * THREADS + tid;",
+          "const int k = idx / BLOCK_DV, j = idx % BLOCK_DV;",
+          f"[[maybe_unused]] const bool ok = idx < {total} && "
+          + ("dv0 + j < DV;" if rows == "K" else "k < K && dv0 + j < DV;"))
+        if guard:
+            c.open(guard)
+        c(*body)
+        if guard:
+            c.close()
+        c.close()
+
     if v.init:
-        c("float a = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
-          "(long long)(dv0 + j) * s0_sdv]) : 0.f;")
+        element(["acc[e] = ok ? to_f(s0_ptr[b * s0_sb + h * s0_sh + k * s0_sk + "
+                 "(long long)(dv0 + j) * s0_sdv]) : 0.f;"])
     else:
-        c("float a = 0.f;")
-    c("for (long long pp = 0; pp < seg; ++pp) a += ok ? ps[(pp * BH + bh) * (K * DV) + "
-      "(long long)k * DV + dv0 + j] : 0.f;", *stores)
+        element(["acc[e] = 0.f;"])
+    c.open("for (long long pp = 0; pp < seg; ++pp)")
+    c("const float* part = ps + (pp * BH + bh) * (K * DV) + dv0;")
+    element(["if (ok) acc[e] += part[(long long)k * DV + j];"])
+    c.close()
+    element(["const float a = acc[e];", *stores], guard=f"if (idx < {total})")
     c.close()
     n0 = "to_f(n0_ptr[b * n0_sb + h * n0_sh + k * n0_sk])" if v.init else "0.f"
     psum = "for (long long pp = 0; pp < seg; ++pp) a += pn[(pp * BH + bh) * K + k];"

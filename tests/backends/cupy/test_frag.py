@@ -108,14 +108,17 @@ def test_defaults():
     assert space.default_config("scan", 64, 64, 64, "f16", variant=Variant(
         "scan", 64, 64, 64, "f16", norm="slot"))["mma"] == 1
     w = space.default_config("write", 64, 64, 64, "bf16")
-    assert (w["num_threads"], w["block_n"], w["block_dv"]) == (256, 64, 64)  # KW 4 x TG 2
+    assert (w["num_threads"], w["block_n"], w["block_dv"]) == (128, 32, 64)  # KW 4 x TG 1
+    s = frag.shape(Variant("write", 64, 64, 64), space.tiles_of(w))
+    assert (s.kw, s.tg, s.tok) == (4, 1, 32)
     s = frag.shape(Variant("write", 64, 64, 80), space.tiles_of(Config(num_threads=96)))
     assert (s.kw, s.mk, s.kpad) == (3, 2, 96)  # K = 80: 5 tiles of 16 -> 3 warps x 2
 
 
 @pytest.mark.parametrize("kind,over,match", [
     ("write", dict(num_threads=192), r"multiple of the 4 warps along K"),
-    ("write", dict(block_n=16), r"block_n=16 must be a multiple of 16 x 2 token groups"),
+    ("write", dict(num_threads=256, block_n=16),
+     r"block_n=16 must be a multiple of 16 x 2 token groups"),
     ("read", dict(block_n=32), r"block_n=32 must be 16 or 32 x the 4 warps"),
     ("read", dict(block_dv=8), r"block_dv=8 with mma=2: expected a multiple of 16"),
 ])
@@ -327,7 +330,7 @@ def test_scan_configs_complete_from_their_path():
     be = _load("cupy")
     exe = be.lower(scan, binding, Config(), {"arch": "sm_90"})
     assert exe.config["mma"] == 2 and exe.config["num_threads"] == 128
-    assert exe.unit_configs["write"]["mma"] == 2 and exe.unit_configs["write"]["num_threads"] == 256
+    assert exe.unit_configs["write"]["mma"] == 2 and exe.unit_configs["write"]["num_threads"] == 128
     for mma in (1, 0):
         exe = be.lower(scan, binding, Config(mma=mma), {"arch": "sm_90"})
         assert exe.config["mma"] == mma and exe.config == exe.unit_configs["write"]

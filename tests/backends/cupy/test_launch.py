@@ -72,3 +72,24 @@ def test_missing_arguments_and_bad_grids_are_refused():
     with pytest.raises(UnsupportedFeature, match="axis 1 must lie in 1..65535"):
         launch.launch(never.append, emitted, (1, 70000, 1), args, stream=None, device=0)
     assert never == []
+
+
+@pytest.mark.parametrize("kind,N,block_n,fixed,blocks,sms,want", [
+    ("scan", 1024, 64, 0, 64, 132, 4),      # 2 per SM, whole waves: 264 // 64 = 4
+    ("scan", 65536, 64, 0, 64, 132, 4),
+    ("write", 1024, 32, 0, 48, 132, 5),     # 5 asked: 32 tiles -> 5 x 7 (the last one 4)
+    ("write", 4096, 32, 0, 512, 132, 1),    # more (b, h) than the wave holds
+    ("read", 65536, 64, 0, 64, 132, 17),    # 8 per SM
+    ("read", 100, 64, 0, 1, 132, 2),        # never past N's tiles
+    ("write", 10 * 64, 64, 4, 64, 132, 4),  # fixed: 4 x 3 tiles (the last one 1)
+    ("write", 10 * 64, 64, 6, 64, 132, 5),  # 6 asked: 2 tiles each, so 5 (no empty one)
+    ("scan", 1, 64, 0, 4096, 132, 1),
+])
+def test_segment_count(kind, N, block_n, fixed, blocks, sms, want):
+    from gmagen.backends.cupy.lower import cdiv, segment_count
+
+    P = segment_count(kind, N, block_n, fixed, blocks, sms)
+    assert P == want
+    tiles = cdiv(N, block_n)
+    seg = cdiv(tiles, P)
+    assert (P - 1) * seg < tiles <= P * seg  # every segment holds tokens

@@ -204,7 +204,7 @@ def main() -> None:
     steps = set(args.steps.split(","))
     if args.workers is not None:
         os.environ["GMAGEN_TUNE_WORKERS"] = str(args.workers)
-    from gmagen.autotune.torch_runner import default_workers
+    from gmagen.autotune.torch_runner import default_workers, keep_workers
     workers = default_workers()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="gmagen-tuned-"))
@@ -223,20 +223,24 @@ def main() -> None:
     backends = args.backends.split(",")
     grid = [(causal, N) for causal in (False, True) for N in args.lengths]
     exhaustive = {(v.split(":")[0] == "causal", int(v.split(":")[1])) for v in args.exhaustive}
-    for backend in (backends if "tune" in steps else []):  # 1: the budgeted search
-        for causal, N in grid:
-            variant = "causal" if causal else "bidirectional"
-            os.environ["GMAGEN_CACHE_DIR"] = str(tuned_dir)
-            try:
-                rec = tune_rows(backend, causal, N, "auto", args.budget)
-            except Exception as exc:  # noqa: BLE001 - recorded; the other rows go on
-                rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "keys": []}
-                print(f"tuning {backend} {variant} N={N} failed: {rec['error']}", flush=True)
-            rec.pop("keys")
-            records.append(dict(base, kind="tune", backend=backend, variant=variant, N=N,
-                                strategy="auto", budget_per_plan_s=args.budget, workers=workers, **rec))
-            print(f"tuned {backend} {variant} N={N} in {rec.get('tune_s', 0):.1f} s", flush=True)
-            flush()
+    # one pool of compile workers for the whole grid (as gmagen.tune keeps it for its
+    # shapes): started per shape, its start-up (~6 s on the H100 machine) took most of a
+    # short budget, so that the first kernel plan of each shape timed 1-2 configs
+    with keep_workers():
+        for backend in (backends if "tune" in steps else []):  # 1: the budgeted search
+            for causal, N in grid:
+                variant = "causal" if causal else "bidirectional"
+                os.environ["GMAGEN_CACHE_DIR"] = str(tuned_dir)
+                try:
+                    rec = tune_rows(backend, causal, N, "auto", args.budget)
+                except Exception as exc:  # noqa: BLE001 - recorded; the other rows go on
+                    rec = {"error": f"{type(exc).__name__}: {exc}"[:500], "keys": []}
+                    print(f"tuning {backend} {variant} N={N} failed: {rec['error']}", flush=True)
+                rec.pop("keys")
+                records.append(dict(base, kind="tune", backend=backend, variant=variant, N=N,
+                                    strategy="auto", budget_per_plan_s=args.budget, workers=workers, **rec))
+                print(f"tuned {backend} {variant} N={N} in {rec.get('tune_s', 0):.1f} s", flush=True)
+                flush()
     for causal, N in (sorted(exhaustive) if "exhaustive" in steps else []):  # 2: all of it
         variant = "causal" if causal else "bidirectional"
         os.environ["GMAGEN_CACHE_DIR"] = str(exh_dir)

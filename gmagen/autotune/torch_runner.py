@@ -162,7 +162,11 @@ def _worker_inputs(token: str, module: str, program: Any, plan: Any, index: int,
     held = _WORKER.get("inputs")
     if held is not None and held[0] == token:
         return held[1]
-    _WORKER.pop("inputs", None)
+    if _WORKER.pop("inputs", None) is not None:
+        # the last runner's inputs go back to the driver, not to this process's cache: a
+        # pool kept over a grid of shapes otherwise holds every size it has seen (on an
+        # H100 at N=65536, 15 workers x 5 GB left the tuner itself out of memory)
+        torch.cuda.empty_cache()
     backend = importlib.import_module(module).BACKEND
     device = torch.device(f"cuda:{binding.device[1]}")
     torch.cuda.set_device(device)

@@ -61,10 +61,18 @@ def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "
             raise OptionError(f"tune: shape {dict(shape)} lacks {missing}; expected keys "
                               f"{', '.join(SHAPE_KEYS)}")
     kern = gmagen.compile(program, backend, autotune="off", **(options or {}))
+    # a backend's own tuning options where the caller gave none (tvm: the cuda target,
+    # since configs are tuned per GPU, not its default llvm)
+    extra = {k: v for k, v in getattr(kern._backend, "tuning_options", {}).items()
+             if k not in (options or {})}
+    if extra:
+        kern = gmagen.compile(program, backend, autotune="off", **{**(options or {}), **extra})
     be = kern._backend
     tuner = getattr(be, "tune", None)
     if tuner is None:
-        raise UnsupportedFeature(f"tune: backend {backend!r} has no tuner in this version")
+        raise UnsupportedFeature(f"tune: backend {backend!r} has no tuner for "
+                                 f"{'/'.join(be.devices)} (options {kern.options}); configs "
+                                 f"are tuned per GPU")
     dev = device or ("cuda" if "cuda" in be.devices else be.devices[0])
     rows = []
     # one pool of compile workers for the whole run (their start-up is seconds)

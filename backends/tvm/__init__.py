@@ -80,6 +80,8 @@ class TVMBackend(Backend):
     name = "tvm"
     native = "numpy"
     devices = ("cpu",)
+    # gmagen.tune's options unless the caller gives them: configs are tuned per GPU
+    tuning_options = {"target": "cuda"}
     dtypes = ("f32",)
     options: Mapping[str, tuple] = {"target": (), "arch": ()}
 
@@ -165,16 +167,64 @@ class TVMBackend(Backend):
 class TVMCudaBackend(TVMBackend):
     """The tvm backend as seen by kernels for target "cuda": CUDA arrays, tokens
     in float32 / float16 / bfloat16; native torch (CuPy callers' arrays are
-    viewed as torch tensors through DLPack), or CuPy without torch."""
+    viewed as torch tensors through DLPack), or CuPy without torch.  Tunable
+    (``tune.py``) where torch, TVM's compiler and a CUDA device are all present."""
 
     devices = ("cuda",)
     dtypes = ("f16", "bf16", "f32")
+
+    def tuning_device(self, binding: Any) -> "dict[str, Any] | None":
+        """Tuned configs are per GPU and TVM version; None without torch (the
+        tuner's runner and its CUDA-event timing) or without a CUDA device (a
+        compile-only lowering, arch=, has no device to key on)."""
+        if binding.device[0] != "cuda" or not _has_torch():
+            return None
+        try:
+            return dict(_device_info(binding.device[1]))
+        except Exception:  # no driver or no such device (nothing is cached then)
+            return None
+
+    def validate_config(self, kernel: KernelPlan, config: Config) -> Config:
+        from .space import validate
+
+        return validate(config, "cuda", kernel.kind)
+
+    def tune(self, program: Any, plan: Any, kernel: KernelPlan, binding: Any,
+             options: Mapping[str, Any], strategy: str = "auto",
+             tune_options: "Mapping[str, Any] | None" = None, space: Any = None) -> Any:
+        """Tune ``kernel`` for this specialization (gmagen.autotune's loop over a
+        TorchRunner: every candidate a TVM build); returns a TuneResult."""
+        from gmagen.autotune.torch_runner import tune_plan
+
+        from .tune import tuning_space
+
+        return tune_plan(self, tuning_space, program, plan, kernel, binding, options, strategy,
+                         tune_options, space)
 
     @property
     def native(self) -> str:  # type: ignore[override]
         import importlib.util
 
         return "torch" if importlib.util.find_spec("torch") is not None else "cupy"
+
+
+@lru_cache(maxsize=1)
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+@lru_cache(maxsize=None)
+def _device_info(index: int) -> dict[str, Any]:
+    """The tuning cache's description of CUDA device ``index`` (cached: a compiled
+    kernel asks for it on every call, for its cache key)."""
+    import torch
+    import tvm
+
+    p = torch.cuda.get_device_properties(index)
+    return {"gpu": p.name, "capability": (int(p.major), int(p.minor)),
+            "sm_count": int(p.multi_processor_count), "backend_version": str(tvm.__version__)}
 
 
 def normalize_arch(arch: Any) -> str:

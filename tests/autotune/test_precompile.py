@@ -287,3 +287,62 @@ def quick_then_slow_task(token, module, program, plan, index, binding, options, 
     if config["block_n"] == 64:
         time.sleep(2)
     return "ok", ""
+
+
+def test_worker_gives_back_a_replaced_runners_memory(monkeypatch):
+    """A worker holds one runner's inputs at a time; when the next runner's replace
+    them (a pool kept over a grid of shapes), the old ones go back to the driver, and
+    so does each run's output, so that 15 workers do not hold every shape they saw
+    (at N=65536 on an H100 the tuner itself then ran out of memory)."""
+    torch = pytest.importorskip("torch")
+    from gmagen.autotune import torch_runner as tr
+
+    freed: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append("empty"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(tr, "_random_inputs", lambda *a: {"x": object()})
+
+    class Generator:  # no CUDA here: the inputs are fakes
+        def __init__(self, device=None):
+            pass
+
+        def manual_seed(self, seed):
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Generator)
+    monkeypatch.setattr(tr, "_WORKER", {})
+
+    class Exe:
+        def run(self, env, binding):
+            return {}
+
+    class Backend:
+        @staticmethod
+        def lower(kp, binding, config, options):
+            return Exe()
+
+        @staticmethod
+        def default_config(kp, binding):
+            return Config()
+
+    import sys
+    import types
+
+    module = types.ModuleType("fake_tune_backend")
+    module.BACKEND = Backend()
+    monkeypatch.setitem(sys.modules, "fake_tune_backend", module)
+
+    class Plan:
+        kernels = [object()]
+
+    class Binding:
+        device = ("cuda", 0)
+
+    args = ("fake_tune_backend", None, Plan(), 0, Binding(), {})
+    first = tr._worker_inputs("runner-1", *args)
+    assert tr._worker_inputs("runner-1", *args) is first and freed == []  # kept
+    tr._worker_inputs("runner-2", *args)
+    assert freed == ["empty"]  # runner 1's inputs released
+    assert tr._worker_compile("runner-2", *args, Config()) == ("ok", "")
+    assert freed == ["empty", "empty"]  # the run's outputs released

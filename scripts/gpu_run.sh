@@ -30,9 +30,18 @@ tvm_bench=()
 if [[ -d .carry/tvm/site ]]; then
   $PY -c "import tvm_ffi" 2>/dev/null || $PY -m pip install -q --no-deps .carry/tvm/wheels/*.whl \
       >>"$OUT/install.log" 2>&1 || echo "tvm-ffi install failed (see install.log)"
-  export TVM_USE_RUNTIME_LIB=1 PYTHONPATH="$PWD/.carry/tvm/site${PYTHONPATH:+:$PYTHONPATH}"
-  export GMAGEN_TVM_EXPORTS="$PWD/.carry/tvm/exports/tests"
-  tvm_bench=(--tvm-exports "$PWD/.carry/tvm/exports/bench")
+  export PYTHONPATH="$PWD/.carry/tvm/site${PYTHONPATH:+:$PYTHONPATH}"
+  lib=.carry/tvm/site/tvm/lib/libtvm_compiler.so
+  if [[ -f .carry/tvm/compiler/libtvm_compiler.so.xz && ! -f $lib ]]; then
+    # pack_tvm_runtime.sh --full: TVM's compiler too, so TVM builds here in-process
+    $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+        .carry/tvm/compiler/libtvm_compiler.so.xz "$lib" || { echo "unpacking TVM's compiler failed"; rm -f "$lib"; }
+  fi
+  [[ -f $lib ]] || export TVM_USE_RUNTIME_LIB=1  # the runtime alone: exported libraries
+  if [[ -d .carry/tvm/exports ]]; then
+    export GMAGEN_TVM_EXPORTS="$PWD/.carry/tvm/exports/tests"
+    tvm_bench=(--tvm-exports "$PWD/.carry/tvm/exports/bench")
+  fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
@@ -146,16 +155,21 @@ if [[ "$mode" == stress ]]; then
         | tee "$OUT/stress_procs.log" | grep -v "^{" | tail -40
     grep -h "^{" /tmp/stress_p*.log | head -20 >"$OUT/stress_procs_hits.jsonl"
   fi
-  # compute-sanitizer (pip's nvidia-cuda-sanitizer-api wheel carried as .carry/san/*.whl):
-  # races in shared memory, out-of-bounds accesses, barriers, reads of unwritten memory
-  if ls .carry/san/*.whl >/dev/null 2>&1; then
+  # compute-sanitizer: races in shared memory, out-of-bounds accesses, barriers, reads of
+  # unwritten memory.  The machine's own CUDA toolkit has it (KINDS.md: it found a planted
+  # out-of-bounds write there); else pip's nvidia-cuda-sanitizer-api wheel carried as
+  # .carry/san/*.whl, which never attached in two tries ("terminated before first
+  # instrumented API call")
+  SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+  if [[ -z "$SAN" ]] && ls .carry/san/*.whl >/dev/null 2>&1; then
     for whl in .carry/san/*.whl; do $PY -m zipfile -e "$whl" /tmp/san; done
     SAN="$(find /tmp/san -name compute-sanitizer -type f | head -1)"  # bin/ or compute-sanitizer/
     chmod -R +x "$(dirname "$SAN")"
-    # the 13.0 wheel keeps the launcher's injection libraries in ../lib, not beside the
-    # binary as a CUDA toolkit does; the one try without this path ended with "terminated
-    # before first instrumented API call" (whether this path is the cure is not yet known)
+    # the 13.0 wheel keeps the launcher's injection libraries in ../lib
     export LD_LIBRARY_PATH="$(dirname "$(dirname "$SAN")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+  if [[ -n "$SAN" ]]; then
+    echo "compute-sanitizer: $SAN" | tee -a "$OUT/sanitizer.log"
     for tool in ${SAN_TOOLS:-racecheck memcheck synccheck initcheck}; do
       extra=(); [[ $tool == initcheck ]] && extra=(--no-fill)
       echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitizer.log"

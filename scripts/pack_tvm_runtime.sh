@@ -8,10 +8,19 @@
 #   exports/     libraries written by kernel.export (cubin compiled here by nvcc):
 #                tests/ for tests/gpu/test_tvm_cuda.py, bench/ for the benchmark
 #
-#   bash scripts/pack_tvm_runtime.sh [sm_90] [cp312]
+#   bash scripts/pack_tvm_runtime.sh [sm_90] [cp312] [--full]
+#
+# --full: TVM's compiler too, as compiler/libtvm_compiler.so.xz (259 MB -> ~60 MB
+# with xz -9e, ~5 min on 2 cores; the full wheel, 100 MB, is past the device tool's
+# 64 MiB carry limit), and no exports: gpu_run.sh unpacks it, and the GPU machine
+# (which has nvcc) then builds TVM kernels in-process, so that `gmagen tune
+# --backend tvm` and the TVM GPU tests run there as on any machine with TVM.
 set -euo pipefail
-arch="${1:-sm_90}"
-pyver="${2:-312}"
+full=0
+args=()
+for a in "$@"; do [[ "$a" == --full ]] && full=1 || args+=("$a"); done
+arch="${args[0]:-sm_90}"
+pyver="${args[1]:-312}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$root/.carry/tvm"
 rm -rf "$dest" && mkdir -p "$dest/site" "$dest/wheels" "$dest/exports"
@@ -22,6 +31,15 @@ cp -r "$tvm_dir" "$dest/site/tvm"
     && find . -name __pycache__ -prune -exec rm -rf {} +)
 python -m pip download -q "apache-tvm-ffi==$ffi_version" --no-deps --only-binary :all: \
     --python-version "$pyver" --platform manylinux_2_28_x86_64 -d "$dest/wheels"
-python "$root/tests/gpu/test_tvm_cuda.py" export "$dest/exports/tests" "$arch" >/dev/null
-python "$root/benchmarks/bench_triton.py" --export-tvm "$dest/exports/bench" --tvm-arch "$arch"
+if (( full )); then
+  rmdir "$dest/exports"
+  mkdir -p "$dest/compiler"
+  xz -9e -T0 -c "$tvm_dir/lib/libtvm_compiler.so" >"$dest/compiler/libtvm_compiler.so.xz"
+else
+  python "$root/tests/gpu/test_tvm_cuda.py" export "$dest/exports/tests" "$arch" >/dev/null
+  python "$root/benchmarks/bench_triton.py" --export-tvm "$dest/exports/bench" --tvm-arch "$arch"
+fi
 du -sh "$dest"/*
+total=$(du -sb "$dest" | cut -f1)
+echo "total $((total / 1048576)) MiB (the device tool carries at most 64 MiB in all)"
+(( total <= 64 * 1048576 )) || { echo "too big to carry"; exit 1; }

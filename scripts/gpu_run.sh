@@ -27,6 +27,11 @@ fi
 # TVM's runtime alone (the machine has no TVM): the stripped package, the ffi wheel,
 # and the kernels exported on the CPU machine
 tvm_bench=()
+if [[ -f .carry/tvm/compiler/site.tar.xz && ! -d .carry/tvm/site ]]; then
+  # pack_tvm_runtime.sh --full: the package as one archive, TVM's compiler beside it
+  $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+      .carry/tvm/compiler/site.tar.xz .carry/tvm/site || echo "unpacking TVM's package failed"
+fi
 if [[ -d .carry/tvm/site ]]; then
   $PY -c "import tvm_ffi" 2>/dev/null || $PY -m pip install -q --no-deps .carry/tvm/wheels/*.whl \
       >>"$OUT/install.log" 2>&1 || echo "tvm-ffi install failed (see install.log)"

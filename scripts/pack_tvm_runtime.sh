@@ -10,9 +10,10 @@
 #
 #   bash scripts/pack_tvm_runtime.sh [sm_90] [cp312] [--full]
 #
-# --full: TVM's compiler too, as compiler/libtvm_compiler.so.xz (259 MB -> ~60 MB
-# with xz -9e, ~5 min on 2 cores; the full wheel, 100 MB, is past the device tool's
-# 64 MiB carry limit), and no exports: gpu_run.sh unpacks it, and the GPU machine
+# --full: TVM's compiler too, as compiler/libtvm_compiler.so.xz (259 MB -> 55 MiB,
+# ~4 min on this machine; the full wheel, 100 MB, is past the device tool's 64 MiB
+# carry limit), the package as compiler/site.tar.xz, and no exports: gpu_run.sh
+# unpacks them, and the GPU machine
 # (which has nvcc) then builds TVM kernels in-process, so that `gmagen tune
 # --backend tvm` and the TVM GPU tests run there as on any machine with TVM.
 set -euo pipefail
@@ -27,14 +28,22 @@ rm -rf "$dest" && mkdir -p "$dest/site" "$dest/wheels" "$dest/exports"
 tvm_dir="$(python -c 'import os, tvm; print(os.path.dirname(tvm.__file__))')"
 ffi_version="$(python -c 'import importlib.metadata as m; print(m.version("apache-tvm-ffi"))')"
 cp -r "$tvm_dir" "$dest/site/tvm"
-(cd "$dest/site/tvm" && rm -rf lib/libtvm_compiler.so 3rdparty src include relax lib64 \
-    && find . -name __pycache__ -prune -exec rm -rf {} +)
+# the runtime alone imports without relax and include; the full package (--full) imports relax
+drop="lib/libtvm_compiler.so 3rdparty src lib64"
+(( full )) || drop="$drop include relax"
+(cd "$dest/site/tvm" && rm -rf $drop && find . -name __pycache__ -prune -exec rm -rf {} +)
 python -m pip download -q "apache-tvm-ffi==$ffi_version" --no-deps --only-binary :all: \
     --python-version "$pyver" --platform manylinux_2_28_x86_64 -d "$dest/wheels"
 if (( full )); then
   rmdir "$dest/exports"
   mkdir -p "$dest/compiler"
-  xz -9e -T0 -c "$tvm_dir/lib/libtvm_compiler.so" >"$dest/compiler/libtvm_compiler.so.xz"
+  # the x86 branch filter and a dictionary past the default 64 MiB: 55 MiB, not 57
+  xz --x86 --lzma2=preset=9e,dict=256MiB -T1 -c "$tvm_dir/lib/libtvm_compiler.so" \
+      >"$dest/compiler/libtvm_compiler.so.xz"
+  # the Python package as one archive too (14 MB of files; ~3 MB), less TVM's web runtime
+  rm -rf "$dest/site/tvm/web"
+  tar -C "$dest/site" -cf - tvm | xz -9e -T1 >"$dest/compiler/site.tar.xz"
+  rm -rf "$dest/site"
 else
   python "$root/tests/gpu/test_tvm_cuda.py" export "$dest/exports/tests" "$arch" >/dev/null
   python "$root/benchmarks/bench_triton.py" --export-tvm "$dest/exports/bench" --tvm-arch "$arch"

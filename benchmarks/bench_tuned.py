@@ -96,7 +96,9 @@ def compiled(backend: str, causal: bool, mode: str, cache_dir: Path, args: tuple
     """A kernel whose configs come from ``cache_dir``: they are looked up at the
     first call of a specialization, which is made here."""
     os.environ["GMAGEN_CACHE_DIR"] = str(cache_dir)
-    kern = gmagen.compile(gmagen.gma(causal=causal), backend=backend, autotune=mode)
+    # tvm's default target is llvm: its configs are tuned for (and timed on) cuda
+    options = {"target": "cuda"} if backend == "tvm" else {}
+    kern = gmagen.compile(gmagen.gma(causal=causal), backend=backend, autotune=mode, **options)
     kern(*args)
     return kern
 

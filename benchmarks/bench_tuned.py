@@ -62,10 +62,12 @@ def tune_rows(backend: str, causal: bool, N: int, strategy: str, budget: float) 
                       "config": str(r.best), "default": str(r.default), "tried": r.tried,
                       "rejected": len(r.rejected), "complete": r.complete,
                       "strategy": r.strategy, "seconds": row.seconds, "decision": r.decision,
+                      "search_s": r.elapsed_s, "phases": r.phases,
                       "key": str(row.key)})
         print(f"  {backend} {strategy} {row.kernel} N={N}: {r.default_time.median_ms:.4f} -> "
               f"{r.best_time.median_ms:.4f} ms, {r.tried} tried, {len(r.rejected)} rejected, "
-              f"complete={r.complete}, {row.seconds:.1f} s", flush=True)
+              f"complete={r.complete}, {row.seconds:.1f} s ("
+              + ", ".join(f"{k} {v:.1f}" for k, v in r.phases.items()) + ")", flush=True)
     return {"tune_s": seconds, "plans": plans, "keys": [row.key for row in rows]}
 
 

@@ -215,6 +215,8 @@ class TuneResult:
     complete: bool                 # False when the budget stopped the search
     decision: str                  # why best won (or why the incumbent stayed)
     measurements: dict[Config, Measurement] = field(default_factory=dict)
+    # seconds per phase of the run (Session.phases: where a budget went)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def noise_ms(self) -> float:
@@ -245,6 +247,11 @@ class Session:
         self.stopped = False                            # the budget ended the search
         self._cost_per_candidate = 0.0                  # the dearest batch so far, per candidate
         self._cost_per_sample = 0.0
+        # seconds spent per phase: the default's compile and reference run, the
+        # runner's batch precompiles, compile + check of each candidate here, timing
+        # rounds, the final showdown; what a budget overrun went to
+        self.phases = {"default": 0.0, "precompile": 0.0, "compile_check": 0.0,
+                       "timing": 0.0, "final": 0.0}
         self.default = runner.default
         default_handle = admit(runner, self.default, None)
         if isinstance(default_handle, ErrorConfig):
@@ -260,6 +267,7 @@ class Session:
         self._cost_per_candidate = (t1 - self.start) / self._parallel_compiles() \
             + self._samples_per_candidate() * self._cost_per_sample
         self.incumbent = self._admit_incumbent(options.get("incumbent"))
+        self.phases["default"] = runner.now() - self.start
 
     # -- admission ------------------------------------------------------------
 
@@ -310,7 +318,9 @@ class Session:
             - (len(batch) + 1) * self._samples_per_candidate() * self._cost_per_sample
         if getattr(self.runner, "precompile", None) is None or limit <= 0:
             return batch  # the per-config deadline checks stop the loop
+        t0 = self.runner.now()
         done, late = precompile(self.runner, batch, limit)
+        self.phases["precompile"] += self.runner.now() - t0
         todo = []
         for c in batch:
             message = done.get(c)
@@ -374,12 +384,15 @@ class Session:
                 self.stopped = True
                 break
             prepared += 1
+            t1 = self.runner.now()
             if self._prepare(c) is None:
                 timed.append(c)
+            self.phases["compile_check"] += self.runner.now() - t1
         if timed:
             repeats = int(self.options["repeats"])
             t1 = self.runner.now()
             measured = self._time([self.incumbent] + timed, repeats)
+            self.phases["timing"] += self.runner.now() - t1
             n_samples = (len(timed) + 1) * (repeats + int(self.options["warmup"]))
             self._cost_per_sample = max(self._cost_per_sample,
                                         (self.runner.now() - t1) / n_samples)
@@ -406,7 +419,9 @@ class Session:
                      if self.scores[c] < 1.0]
         contenders = list(dict.fromkeys([self.incumbent, self.default] + finalists))
         repeats = int(self.options["final_repeats"])
+        t0 = self.runner.now()
         measured = self._time(contenders, repeats)
+        self.phases["final"] += self.runner.now() - t0
         inc = measured[self.incumbent]
         challenger = min(contenders, key=lambda c: (measured[c].median_ms, str(c)))
         ch = measured[challenger]
@@ -430,4 +445,4 @@ class Session:
                           strategy=self.strategy, tried=len(self.results) + 1,
                           rejected=list(self.rejected), elapsed_s=self.runner.now() - self.start,
                           complete=not self.stopped, decision=decision,
-                          measurements=measurements)
+                          measurements=measurements, phases=dict(self.phases))

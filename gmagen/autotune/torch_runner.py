@@ -411,6 +411,7 @@ def tune_plan(backend: Any, tuning_space: Any, program: Any, plan: Any, kernel: 
     from .strategies import COMMON_OPTIONS
 
     batch = int((tune_options or {}).get("batch", COMMON_OPTIONS["batch"][0]))
+    t0 = time.monotonic()
     with TorchRunner(backend, program, plan, kernel, binding, options,
                      start_workers=batch) as runner:
         if space is None:
@@ -418,4 +419,10 @@ def tune_plan(backend: Any, tuning_space: Any, program: Any, plan: Any, kernel: 
             K = dims.get("K", 64)
             space = tuning_space(kernel.kind, runner.default, dims.get("D", 64),
                                  dims.get("Dv", K), K, binding.dtypes.get("T", "f32"))
-        return autotune.tune(space, runner, strategy, tune_options)
+        # the inputs, the earlier plans' outputs and the worker start: outside the
+        # search's budget, but part of what one shape's tuning costs
+        setup = time.monotonic() - t0
+        result = autotune.tune(space, runner, strategy, tune_options)
+    result.phases = {"setup": setup, **result.phases,
+                     "close": time.monotonic() - t0 - setup - result.elapsed_s}
+    return result

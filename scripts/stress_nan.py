@@ -121,6 +121,14 @@ CASES = {
         shape=(2, 333, 3, 20, 33, 7), cov="diag", dtype="bf16", bhnd=True, mask=True,
         config={"gma_write": dict(block_n=32, block_dv=32, num_threads=64, mma=2),
                 "gma_read": dict(block_n=32, block_dv=32, num_threads=64, mma=2)}),
+    # the causal plan (segment memories, the register-fragment scan), for the sanitizer:
+    # default configs, a ragged N and odd heads in the second
+    "causal-row-diag-bf16": dict(program=gmagen.gma(causal=True), shape=(2, 300, 3, 64, 64, 64),
+                                 cov="diag", dtype="bf16", bhnd=False, mask=True, config=None),
+    "causal-slot-spherical-bhnd-f16": dict(
+        program=gmagen.gma(causal=True, norm="slot", covariance="spherical", layout="bhnd"),
+        shape=(2, 333, 3, 40, 72, 24), cov="spherical", dtype="f16", bhnd=True, mask=True,
+        config=None),
 }
 
 

@@ -192,10 +192,11 @@ def main() -> None:
     ap.add_argument("--work", default="", help="cache directories (default: a temp dir)")
     ap.add_argument("--backends", default="triton", help="comma-separated GPU backends")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    ap.add_argument("--budget", type=float, default=12.0, help="seconds per kernel plan and shape")
+    ap.add_argument("--budget", type=float, default=20.0,
+                    help="seconds per shape, split over its kernel plans (gmagen.tune)")
     ap.add_argument("--exhaustive", nargs="*", default=["bidirectional:16384"],
                     metavar="VARIANT:N", help="rows that also get an exhaustive search")
-    ap.add_argument("--exhaustive-budget", type=float, default=240.0)
+    ap.add_argument("--exhaustive-budget", type=float, default=480.0, help="seconds per shape")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes compiling tuning candidates at once (GMAGEN_TUNE_WORKERS; "
                          "0: serially; default: min(16, CPUs - 1))")
@@ -242,7 +243,7 @@ def main() -> None:
                     print(f"tuning {backend} {variant} N={N} failed: {rec['error']}", flush=True)
                 rec.pop("keys")
                 records.append(dict(base, kind="tune", backend=backend, variant=variant, N=N,
-                                    strategy="auto", budget_per_plan_s=args.budget, workers=workers, **rec))
+                                    strategy="auto", budget_per_shape_s=args.budget, workers=workers, **rec))
                 print(f"tuned {backend} {variant} N={N} in {rec.get('tune_s', 0):.1f} s", flush=True)
                 flush()
     for causal, N in (sorted(exhaustive) if "exhaustive" in steps else []):  # 2: all of it
@@ -251,7 +252,7 @@ def main() -> None:
         rec = tune_rows("triton", causal, N, "exhaustive", args.exhaustive_budget)
         rec.pop("keys")
         records.append(dict(base, kind="tune", backend="triton", variant=variant, N=N,
-                            strategy="exhaustive", budget_per_plan_s=args.exhaustive_budget,
+                            strategy="exhaustive", budget_per_shape_s=args.exhaustive_budget,
                             workers=workers, **rec))
         flush()
     exhaustive_done = exh_dir.is_dir() and any(exh_dir.rglob("*.json"))

@@ -201,7 +201,12 @@ class Kernel:
                 raise UnsupportedFeature(
                     f"autotune='on-miss': backend {self.backend!r} has no tuner in this version "
                     "of gmagen; use autotune='cached' (tuned configs from the caches) or 'off'")
-            return tuner(self.program, self.plan, kp, binding, self.options)
+            from gmagen.tune import DEFAULT_BUDGET_S
+
+            # the shape's budget split over its plans, as gmagen.tune does (each plan
+            # is tuned the first time its key misses; a program's plans miss together)
+            return tuner(self.program, self.plan, kp, binding, self.options, "auto",
+                         {"budget_s": DEFAULT_BUDGET_S / len(self.plan.kernels)})
 
         sel = autotune.select(key, self.autotune, tune, autotune.default_cache(),
                               validate=lambda c: self._backend.validate_config(kp, c))

@@ -16,6 +16,16 @@ from gmagen.errors import OptionError, UnsupportedFeature
 from gmagen.ir.program import Program
 
 SHAPE_KEYS = ("B", "N", "H", "D", "Dv", "K")
+# the least a kernel plan's search gets when the plans before it used up the shape's
+# budget: the default's compile and timing (its result is then the default)
+MIN_PLAN_BUDGET_S = 1.0
+DEFAULT_BUDGET_S = 30.0  # per shape: gmagen.tune, `gmagen tune`, autotune="on-miss"
+
+
+def plan_budget(budget_s: float, elapsed_s: float, plans_left: int) -> float:
+    """A kernel plan's share of one shape's ``budget_s``: what the plans before it
+    left, split evenly over this plan and those after it."""
+    return max((budget_s - elapsed_s) / max(plans_left, 1), MIN_PLAN_BUDGET_S)
 
 
 @dataclass(frozen=True)
@@ -45,12 +55,17 @@ def _example_args(program: Program, shape: Mapping[str, int], dtype: str, device
 
 
 def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "triton", *,
-         dtype: str = "bf16", strategy: str = "auto", budget_s: float = 30.0,
+         dtype: str = "bf16", strategy: str = "auto", budget_s: float = DEFAULT_BUDGET_S,
          device: Optional[str] = None, options: Optional[Mapping[str, Any]] = None,
          progress: Any = None) -> list[TuneRow]:
     """Tune every kernel plan of ``program`` (written with gmagen.gma's inputs) for
     each shape ({"B", "N", "H", "D", "Dv", "K"}) and store the results.
-    ``budget_s`` is per kernel plan and shape; ``progress(row)`` is called after each."""
+    ``budget_s`` is per shape, its kernel plans' searches included (split evenly
+    over them, a plan's leftover going to the next: ``plan_budget``), so that one
+    shape takes about ``budget_s`` whatever the plan; the default's compile and
+    timing count against it.  ``progress(row)`` is called after each plan."""
+    if not budget_s > 0:
+        raise OptionError(f"tune: budget_s={budget_s!r}, expected seconds > 0 per shape")
     import gmagen
     from gmagen import autotune
     from gmagen.autotune.torch_runner import keep_workers
@@ -83,10 +98,13 @@ def tune(program: Program, shapes: Sequence[Mapping[str, int]], backend: str = "
             if info is None:
                 raise UnsupportedFeature(f"tune: backend {backend!r} does not tune on "
                                          f"{dev} (configs are tuned per GPU)")
-            for kp in kern.plan.kernels:
+            kernels = kern.plan.kernels
+            shape_t0 = time.monotonic()
+            for i, kp in enumerate(kernels):
                 t0 = time.monotonic()
+                share = plan_budget(budget_s, t0 - shape_t0, len(kernels) - i)
                 result = tuner(program, kern.plan, kp, binding, kern.options, strategy,
-                               {"budget_s": budget_s})
+                               {"budget_s": share})
                 key = kern.tuning_key(kp, binding, info)
                 autotune.default_cache().put(key, result.to_entry())
                 row = TuneRow(dict(shape), kp.name, key, result, time.monotonic() - t0)

@@ -17,6 +17,7 @@ from pathlib import Path
 from gmagen.cases import DTYPES
 from gmagen.errors import OptionError
 from gmagen.ir.ops import COVARIANCES, NORMS
+from gmagen.tune import DEFAULT_BUDGET_S
 
 NAME = "tune"
 HELP = "tune kernels for shapes on this GPU and cache the winners"
@@ -33,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", default=None, metavar="B,N,H,D,Dv,K",
                         help="a shape to tune (repeatable; default: the benchmark grid)")
     parser.add_argument("--dtype", choices=[d for d in DTYPES if d != "f64"], default="bf16")
-    parser.add_argument("--budget", type=float, default=30.0,
-                        help="seconds per kernel and shape (default 30)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds per shape, its kernels' searches split evenly (default 30)")
     parser.add_argument("--strategy", default="auto", help="auto, exhaustive or random_local")
     parser.add_argument("--export", type=Path, default=None, metavar="FILE",
                         help="write this GPU's cache entries to FILE (for autotune_cache/)")

@@ -101,8 +101,10 @@ def test_on_miss_tunes_once_then_hits(fake_gpu, monkeypatch):
     calls = []
     original = TritonBackend.tune
 
-    def small(self, program, plan, kernel, binding, options):
+    def small(self, program, plan, kernel, binding, options, strategy="auto", tune_options=None):
         calls.append(kernel.name)  # a two-config space keeps the interpreter quick
+        # on-miss: the default 30 s per shape, split over the program's two plans
+        assert tune_options == {"budget_s": 15.0}
         return original(self, program, plan, kernel, binding, options, "exhaustive",
                         {"repeats": 2, "final_repeats": 3, "finalists": 2},
                         Space({"block_n": Choice([16, 32])}))
@@ -198,3 +200,44 @@ def test_gmagen_tune_stores_what_compile_uses(fake_gpu, monkeypatch):
     for r in rows:  # one plan: kernel.config is that plan's Config
         cfg = kern.config if len(rows) == 1 else kern.config[r.kernel]
         assert cfg["num_warps"] == r.result.best["num_warps"]
+
+
+def test_plan_budget_splits_a_shape_budget():
+    """gmagen.tune's budget is per shape: even shares, a plan's leftover (or overrun)
+    moves to the plans after it, never below the floor that times the default."""
+    from gmagen.tune import MIN_PLAN_BUDGET_S, plan_budget
+
+    assert plan_budget(30.0, 0.0, 2) == 15.0
+    assert plan_budget(30.0, 10.0, 1) == 20.0      # the first plan finished early
+    assert plan_budget(30.0, 29.5, 1) == MIN_PLAN_BUDGET_S
+    assert plan_budget(30.0, 0.0, 1) == 30.0
+
+
+def test_gmagen_tune_budget_is_per_shape(fake_gpu, monkeypatch):
+    """Two plans share one shape's budget: the second gets what the first left."""
+    import importlib
+    import types
+
+    from gmagen.autotune import Measurement, TuneResult
+    from gmagen.backends.triton import TritonBackend
+
+    budgets = []
+    clock = [0.0]
+
+    def fake(self, program, plan, kernel, binding, options, strategy="auto", tune_options=None):
+        budgets.append(tune_options["budget_s"])
+        clock[0] += 4.0  # each plan takes 4 s
+        m = Measurement(Config(), (1.0, 1.0, 1.0))
+        return TuneResult(best=Config(), best_time=m, incumbent=Config(), default=Config(),
+                          default_time=m, strategy="fake", tried=1, rejected=[],
+                          elapsed_s=4.0, complete=True, decision="fake")
+
+    monkeypatch.setattr(TritonBackend, "tune", fake)
+    monkeypatch.setattr(importlib.import_module("gmagen.tune"), "time",
+                        types.SimpleNamespace(monotonic=lambda: clock[0]))
+    rows = gmagen.tune(gmagen.gma(), [dict(B=1, N=40, H=2, D=8, Dv=8, K=4)], "triton",
+                       dtype="f32", budget_s=20)
+    assert [r.kernel for r in rows] == ["gma_write", "gma_read"]
+    assert budgets == [10.0, 16.0]  # 20 s: 10 each, and the 6 s the first left over
+    with pytest.raises(gmagen.errors.OptionError, match="budget_s=0"):
+        gmagen.tune(gmagen.gma(), [dict(B=1, N=40, H=2, D=8, Dv=8, K=4)], "triton", budget_s=0)

@@ -7,8 +7,9 @@ NumPy as its only dependency.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 
 def console() -> Any:
@@ -48,3 +49,37 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
         style = row_styles[i] if row_styles else None
         table.add_row(*(Text(cell) for cell in row), style=style)  # Text: no markup parsing
     con.print(table)
+
+
+class Steps:
+    """A progress bar of ``total`` steps (rich), or "[i/total]" lines without rich;
+    :meth:`log` prints a line above the bar."""
+
+    def __init__(self, progress: Any, task: Any, total: int):
+        self._progress, self._task, self.total, self.done = progress, task, total, 0
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        self.done += 1
+        if self._progress is None:
+            print(f"[{self.done}/{self.total}] {text}", flush=True)
+        else:
+            self._progress.update(self._task, advance=1)
+            self._progress.console.print(text, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def steps(total: int, description: str) -> Iterator[Steps]:
+    con = console()
+    if con is None:
+        yield Steps(None, None, total)
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=con) as progress:
+        yield Steps(progress, progress.add_task(description, total=total), total)

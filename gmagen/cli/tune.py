@@ -53,25 +53,27 @@ def run(args: argparse.Namespace) -> int:
     from gmagen import autotune
     from gmagen.tune import tune
 
-    from . import echo, print_table
+    from . import echo, print_table, steps
 
     shapes = [parse_shape(s) for s in (args.shape or GRID)]
     program = gmagen.gma(causal=args.causal, norm=args.norm, covariance=args.covariance)
+    backends = args.backend or ["triton"]
+    # one step per (backend, shape, kernel plan); the plans come from the lowering
+    plans = {b: len(gmagen.compile(program, b, autotune="off").plan.kernels) for b in backends}
     rows = []
-    for backend in args.backend or ["triton"]:
-        def progress(row, backend=backend) -> None:
-            r = row.result
-            echo(f"{backend} {row.kernel} N={row.shape['N']}: {r.default_time.median_ms:.3f} -> "
-                 f"{r.best_time.median_ms:.3f} ms in {row.seconds:.1f} s ({r.decision})")
+    with steps(sum(plans[b] * len(shapes) for b in backends), "gmagen tune") as bar:
+        for backend in backends:
+            def progress(row, backend=backend) -> None:
+                r = row.result
+                bar.advance(f"{backend} {row.kernel} N={row.shape['N']}: "
+                            f"{r.default_time.median_ms:.3f} -> {r.best_time.median_ms:.3f} ms "
+                            f"in {row.seconds:.1f} s ({r.decision})")
+                bar.describe(f"tuning {backend}, about {args.budget:g} s per shape")
 
-        for row in tune(program, shapes, backend, dtype=args.dtype, strategy=args.strategy,
-                        budget_s=args.budget, progress=progress):
-            r = row.result
-            rows.append([backend, ",".join(str(row.shape[k]) for k in ("B", "N", "H", "D", "Dv",
-                                                                      "K")),
-                         row.kernel, f"{r.default_time.median_ms:.3f}",
-                         f"{r.best_time.median_ms:.3f}", f"{row.speedup:.2f}x", str(r.best),
-                         f"{r.tried}/{len(r.rejected)}", f"{row.seconds:.1f}"])
+            bar.describe(f"tuning {backend}, about {args.budget:g} s per shape")
+            rows += _tune_rows(tune(program, shapes, backend, dtype=args.dtype,
+                                    strategy=args.strategy, budget_s=args.budget,
+                                    progress=progress), backend)
     print_table("gmagen tune", ["backend", "B,N,H,D,Dv,K", "kernel", "default ms", "tuned ms",
                                 "speed-up", "config", "tried/rejected", "s"], rows)
     if args.export is not None and rows:
@@ -79,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
         count = autotune.default_cache().export(args.export, gpu)
         echo(f"exported {count} entries for {gpu} to {args.export}")
     return 0
+
+
+def _tune_rows(tuned: list, backend: str) -> list[list[str]]:
+    """The closing table's rows of one backend."""
+    rows = []
+    for row in tuned:
+        r = row.result
+        rows.append([backend, ",".join(str(row.shape[k]) for k in ("B", "N", "H", "D", "Dv", "K")),
+                     row.kernel, f"{r.default_time.median_ms:.3f}",
+                     f"{r.best_time.median_ms:.3f}", f"{row.speedup:.2f}x", str(r.best),
+                     f"{r.tried}/{len(r.rejected)}", f"{row.seconds:.1f}"])
+    return rows
 
 
 def _gpu_name() -> str:

@@ -241,3 +241,34 @@ def test_gmagen_tune_budget_is_per_shape(fake_gpu, monkeypatch):
     assert budgets == [10.0, 16.0]  # 20 s: 10 each, and the 6 s the first left over
     with pytest.raises(gmagen.errors.OptionError, match="budget_s=0"):
         gmagen.tune(gmagen.gma(), [dict(B=1, N=40, H=2, D=8, Dv=8, K=4)], "triton", budget_s=0)
+
+
+def test_cli_tune_progress_table_and_export(fake_gpu, monkeypatch, tmp_path, capsys):
+    """`gmagen tune`: a step per kernel plan (the progress bar's), the closing table,
+    --export; the tuner is a fake (the search itself is tested above)."""
+    from gmagen.autotune import Measurement, TuneResult
+    from gmagen.backends.triton import TritonBackend
+    from gmagen.cli.main import main
+
+    budgets = []
+
+    def fake(self, program, plan, kernel, binding, options, strategy="auto", tune_options=None):
+        budgets.append(tune_options["budget_s"])
+        best = Config(num_warps=2)
+        m = Measurement(best, (1.0, 1.0, 1.0))
+        return TuneResult(best=best, best_time=m, incumbent=Config(), default=Config(),
+                          default_time=Measurement(Config(), (2.0, 2.0, 2.0)), strategy="fake",
+                          tried=3, rejected=[], elapsed_s=0.1, complete=True, decision="fake win")
+
+    monkeypatch.setattr(TritonBackend, "tune", fake)
+    monkeypatch.setattr("gmagen.cli.tune._gpu_name", lambda: FAKE_GPU["gpu"])
+    out = tmp_path / "export.json"
+    assert main(["tune", "--shape", "1,40,2,8,8,4", "--shape", "1,80,2,8,8,4", "--dtype", "f32",
+                 "--budget", "6", "--export", str(out)]) == 0
+    text = capsys.readouterr().out
+    for n in (40, 80):
+        for kernel in ("gma_write", "gma_read"):
+            assert f"triton {kernel} N={n}: 2.000 -> 1.000 ms" in text
+    assert "gmagen tune" in text and "2.00x" in text and "3/0" in text
+    assert budgets[0] == pytest.approx(3.0, abs=0.1)  # 6 s per shape over its two plans
+    assert "exported 4 entries" in text and out.is_file()

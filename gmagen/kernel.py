@@ -201,12 +201,12 @@ class Kernel:
                 raise UnsupportedFeature(
                     f"autotune='on-miss': backend {self.backend!r} has no tuner in this version "
                     "of gmagen; use autotune='cached' (tuned configs from the caches) or 'off'")
-            from gmagen.tune import DEFAULT_BUDGET_S
+            from gmagen.tune import DEFAULT_BUDGET_S, plan_budget
 
             # the shape's budget split over its plans, as gmagen.tune does (each plan
             # is tuned the first time its key misses; a program's plans miss together)
             return tuner(self.program, self.plan, kp, binding, self.options, "auto",
-                         {"budget_s": DEFAULT_BUDGET_S / len(self.plan.kernels)})
+                         {"budget_s": plan_budget(DEFAULT_BUDGET_S, 0.0, len(self.plan.kernels))})
 
         sel = autotune.select(key, self.autotune, tune, autotune.default_cache(),
                               validate=lambda c: self._backend.validate_config(kp, c))

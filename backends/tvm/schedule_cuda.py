@@ -56,6 +56,11 @@ class _Sched:
         # refuse every compute_at under the root); the regions are still derived
         self.sch = s_tir.Schedule(func, enable_check=False)
         self.threads = int(config.get("num_threads", 256))
+        # config knob "vector": operands of the products read into registers a vector
+        # at a time (see gemm and segment_output); stages read that way get rows
+        # aligned for it (``aligned``: their names)
+        self.vector = bool(config.get("vector", 0))
+        self.aligned: set = set()
 
     # -- helpers -----------------------------------------------------------------------
     def own_loops(self, block: Any, lead: int) -> list:
@@ -77,15 +82,43 @@ class _Sched:
         sch.bind(tx, "threadIdx.x")
         return tx
 
-    def pad(self, block: Any, ndim: int, bits: int) -> None:
+    def pad(self, block: Any, ndim: int, bits: int, aligned: bool = False) -> None:
         """Rows of a shared buffer an odd number of 32-bit words long (no bank conflicts
         between threads reading one column of neighbouring rows: an odd stride is
         coprime to the 32 banks).  Not "one word past a multiple of 32": that padded a
-        row of 68 bf16 (34 words) to 130."""
+        row of 68 bf16 (34 words) to 130.  ``aligned``: rows read as 16-byte vectors,
+        4 words past a multiple of 32 (16-byte aligned; consecutive rows start in
+        different banks)."""
         if ndim < 2:
             return
         per_word = max(1, 32 // bits)
-        self.sch.storage_align(block, 0, ndim - 2, 2 * per_word, per_word)
+        if aligned:
+            self.sch.storage_align(block, 0, ndim - 2, 32 * per_word, 4 * per_word)
+        else:
+            self.sch.storage_align(block, 0, ndim - 2, 2 * per_word, per_word)
+
+    def vector_operands(self, block: Any, loop: Any, names: set) -> None:
+        """The reads of ``block`` from the buffers ``names`` (base names, before the
+        scope suffix) cached in registers at ``loop``, one vector per operand: a
+        thread's TM (or TN) contiguous elements of one reduction step in one shared
+        load instead of TM scalar loads (the products were shared-memory bound: ncu on
+        the H100, L1/shared throughput 85% in the write kernel)."""
+        sch = self.sch
+        for idx, region in enumerate(sch.get(block).reads):
+            base = str(region).split("[", 1)[0].removesuffix("_" + SMEM.replace(".", "_"))
+            if base in names:
+                local = sch.cache_read(block, idx, "local")
+                sch.compute_at(local, loop)
+                loops = sch.get_loops(local)
+                own = loops[[sch.get(x) for x in loops].index(sch.get(loop)) + 1:]
+                if not own or int(sch.get(own[-1]).extent) < 2:
+                    continue  # nothing to vectorize: the copy stays a scalar one
+                try:
+                    sch.vectorize(own[-1])
+                except s_tir.ScheduleError:
+                    # a tiny operand (K = 1: the copy's loop is bound to the reduction
+                    # too) stays a scalar copy; TVM leaves the schedule as it was
+                    pass
 
     def rows(self, block: Any, spatial: list, lead: int, threads: int) -> None:
         """A reduction per element of ``spatial`` (over threads), accumulated in a
@@ -134,7 +167,7 @@ class _Sched:
             sch.set_scope(block, 0, SMEM)
             sch.compute_at(block, tile_loop, preserve_unit_loops=True)
             if stage.role != "rows":
-                self.pad(block, stage.ndim, stage.bits)
+                self.pad(block, stage.ndim, stage.bits, stage.name in self.aligned)
         for stage in tiled:
             block = sch.get_sblock(stage.name)
             loops = self.own_loops(block, 3)  # below b, h, t
@@ -164,15 +197,27 @@ class _Sched:
         sch.bind(tx, "threadIdx.x")
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
+        reduce_vars = [iv.var.name for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2]
         for name in cache:
             # this block's own copy (the scan's three responsibilities read the same tables)
             staged = sch.cache_read(block, name, SMEM, consumer_blocks=[block])
             sch.compute_at(staged, ro)
-            self.pad(staged, 3, 32)  # [H, K, D] tables, float32
+            if self.vector:
+                # a table read [.., n, r] (the logits' [H, K, D]) is stored [.., r, n]:
+                # a thread's TN outputs of one reduction step are then contiguous
+                region = [rg for rg in sch.get(block).reads
+                          if str(rg).startswith(name + "_" + SMEM.replace(".", "_"))]
+                last = str(region[0].region[-1].min) if region else ""
+                if any(v in last for v in reduce_vars):
+                    sch.transform_layout(staged, ("write", 0),
+                                         lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
+            self.pad(staged, 3, 32, self.vector)  # [H, K, D] tables, float32
             cl = sch.get_loops(staged)
             depth = [sch.get(x) for x in cl].index(sch.get(ro))
             self.flat_threads(list(cl[depth + 1:]))
         sch.decompose_reduction(block, ro)
+        if self.vector:
+            self.vector_operands(block, ri, set(cache))
         sch.unroll(ii)
         sch.unroll(ni)
 
@@ -247,6 +292,13 @@ class _Sched:
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
         sch.decompose_reduction(block, jt)
+        if self.vector:
+            # r [tile, K] and [m v, m] [tile, W] of one token: a thread's TM k and TN
+            # columns are contiguous in their rows
+            operands = {str(rg).split("[", 1)[0] for rg in sch.get(block).reads} - {name}
+            operands = {o for o in operands if not o.endswith("_local")}
+            self.aligned |= operands
+            self.vector_operands(block, sch.get_loops(block)[-3], operands)
         sch.unroll(ki)
         sch.unroll(ei)
         return jt

@@ -27,8 +27,11 @@ KNOBS = {
                    "partial S, n are summed in order), a positive int",
     "min_blocks": "cuda: thread blocks per SM each kernel's registers are capped for "
                   "(__launch_bounds__(threads, min_blocks)), 0 leaves them to nvcc",
+    "vector": "cuda: 1 reads the products' operands from shared memory a vector at a time "
+              "(the logit tables stored transposed, rows 16-byte aligned), 0 a scalar at a "
+              "time",
 }
-DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0)
+DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0, vector=0)
 # cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
 # [64, K] logits and [64, Dv] products at K = Dv = 64); the scan's tile is its chunk,
 # so chunks of 64 as well (the [C, C] product then fills the 256 threads too).
@@ -65,8 +68,9 @@ def validate(config: Config, target: str = "llvm", kind: str = "") -> Config:
     for key in KNOBS:
         value = full[key]
         if (isinstance(value, bool) or not isinstance(value, int)
-                or value < (0 if key == "min_blocks" else 1)
+                or value < (0 if key in ("min_blocks", "vector") else 1)
                 or (key == "num_threads" and value > 1024)
+                or (key == "vector" and value > 1)
                 or (key == "min_blocks" and value > 32)):  # 32: the most blocks an SM holds
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")

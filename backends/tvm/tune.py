@@ -18,13 +18,14 @@ TILES = (16, 32, 64, 128)
 THREADS = (64, 128, 256, 512)
 WRITE_TILES = (2, 4, 8, 16, 32)  # tiles per segment of the write plan's reduction
 MIN_BLOCKS = (0, 1, 2, 3, 4)      # __launch_bounds__ blocks per SM; 0: nvcc's choice
+VECTOR = (0, 1)                   # scalar or vector operand loads of the products
 
 
 def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
                  dtype: str = "f32") -> Space:
     """The cuda knobs of ``kind`` around ``default`` (space.CUDA_DEFAULTS): its tile
     (``chunk`` for the scan, ``block_n`` for the others: the knob the schedule reads),
-    ``num_threads``, ``min_blocks``, and the write's ``write_tiles``.  Pruned before
+    ``num_threads``, ``min_blocks``, ``vector``, and the write's ``write_tiles``.  Pruned before
     anything is built: threads per block within the device's limit, and a config
     space.validate refuses.  Shared memory is TVM's to lay out (its merged dynamic
     allocation is known only after lowering): a candidate past the device's limit
@@ -32,7 +33,7 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     and reports it.  D, Dv, K and dtype are the specialization's (the space itself
     does not depend on them)."""
     tile = _space._CUDA_TILE_KNOB.get(kind, "block_n")
-    values = {tile: TILES, "num_threads": THREADS, "min_blocks": MIN_BLOCKS}
+    values = {tile: TILES, "num_threads": THREADS, "min_blocks": MIN_BLOCKS, "vector": VECTOR}
     if kind == "write":
         values["write_tiles"] = WRITE_TILES
     knobs = {}

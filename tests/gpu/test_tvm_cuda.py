@@ -127,16 +127,17 @@ def _cuda(x, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant_name(*v, "") [:-1] for v in VARIANTS])
-def test_variant(variant, dtype):
+def test_variant(variant, dtype, config=None):
     causal, norm, cov, mask, init = variant
     rng = np.random.default_rng(hash((variant, dtype)) % 2**32)
     tokens, mix, extra = _inputs(rng, cov, dtype, mask, init)
-    if EXPORTS:
+    if EXPORTS and config is None:
         from gmagen.load import load
 
         run = load(os.path.join(EXPORTS, variant_name(*variant, dtype)))
     else:
-        run = gmagen.compile(gmagen.gma(causal, norm, cov), backend="tvm", target="cuda")
+        run = gmagen.compile(gmagen.gma(causal, norm, cov), backend="tvm", target="cuda",
+                             config=config)
     args = [_cuda(t, TORCH[dtype]) for t in tokens] + [_cuda(m) for m in mix]
     y, (S, n) = run(*args, return_state=True, **{k: _cuda(v) for k, v in extra.items()})
     torch.cuda.synchronize()
@@ -150,15 +151,26 @@ def test_variant(variant, dtype):
         assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]}"
 
 
-def _check_shape(causal, norm, dtype, name, N, dims, seed):
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_name(*v, "") [:-1] for v in VARIANTS])
+def test_variant_vector_loads(variant, dtype):
+    """Config knob vector=1 (operands read as vectors, tables stored transposed):
+    in-process builds only (it is not among the exported libraries)."""
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("vector=1 is built in-process; here TVM runs exported libraries only")
+    test_variant(variant, dtype, {"vector": 1})
+
+
+def _check_shape(causal, norm, dtype, name, N, dims, seed, config=None):
     rng = np.random.default_rng(seed)
     tokens, mix, extra = _inputs(rng, "diag", dtype, True, False, N=N, **dims)
-    if EXPORTS:
+    if EXPORTS and config is None:
         from gmagen.load import load
 
         run = load(os.path.join(EXPORTS, name))
     else:
-        run = gmagen.compile(gmagen.gma(causal, norm, "diag"), backend="tvm", target="cuda")
+        run = gmagen.compile(gmagen.gma(causal, norm, "diag"), backend="tvm", target="cuda",
+                             config=config)
     args = [_cuda(t, TORCH[dtype]) for t in tokens] + [_cuda(m) for m in mix]
     y, (S, n) = run(*args, return_state=True, **{k: _cuda(v) for k, v in extra.items()})
     torch.cuda.synchronize()
@@ -176,6 +188,14 @@ def _check_shape(causal, norm, dtype, name, N, dims, seed):
 def test_bench_shape(variant, dtype):
     causal, norm = variant
     _check_shape(causal, norm, dtype, bench_name(causal, norm, dtype), BENCH_N, BENCH, 7)
+
+
+@pytest.mark.parametrize("variant", BENCH_VARIANTS, ids=lambda v: str(v))
+def test_bench_shape_vector_loads(variant):
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("vector=1 is built in-process; here TVM runs exported libraries only")
+    causal, norm = variant
+    _check_shape(causal, norm, "bf16", "", BENCH_N, BENCH, 7, {"vector": 1})
 
 
 @pytest.mark.parametrize("variant", LARGE, ids=lambda v: str(v))

@@ -414,3 +414,42 @@ def test_write_backs_of_the_scan_are_guarded(D, Dv, K):
     (y_store,) = [i for i, line in enumerate(lines) if re.search(r"\by_ptr\[.*\] = ", line)]
     guards = [line for line in lines[y_store - 12:y_store] if line.strip().startswith("if (")]
     assert guards and "< N)" in guards[-1], lines[y_store - 12:y_store]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vector_operand_loads(causal, dtype):
+    """Config knob vector=1: at the benchmark shape the logit tables are staged
+    transposed and every product reads its operands as 16-byte vectors from shared
+    memory (scalar loads with vector=0); nvcc compiles both for sm_80 and sm_90."""
+    dims = {"D": 64, "Dv": 64, "K": 64}
+    present = frozenset({"key_mask"})
+    vec_loads = re.compile(r"\*\(float4\*\)\(\(\(float\*\)buf_dyn_shmem_ptr\)")
+    for kp in plan_program(gmagen.gma(causal)).kernels:
+        base = cuda_source(kp, "bnhd", dims, present, Config(), "sm_90", dtype)
+        vec = cuda_source(kp, "bnhd", dims, present, Config(vector=1), "sm_90", dtype)
+        assert not vec_loads.search(base), kp.name
+        # the logits' two tables (write, read, scan: q and k) and, in the write, r
+        assert len(vec_loads.findall(vec)) >= 2, kp.name
+        for arch in ("sm_80", "sm_90"):
+            assert cubin.compile_cubin(cuda_source(kp, "bnhd", dims, present, Config(vector=1),
+                                                   arch, dtype), arch)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("dims", [{"D": 5, "Dv": 3, "K": 1}, {"D": 33, "Dv": 17, "K": 7}],
+                         ids=["K1", "odd"])
+def test_vector_knob_builds_odd_shapes(dims):
+    """Shapes whose rows cannot be 16-byte vectors still build with vector=1 (a copy
+    through registers with scalar loads), every plan, through nvcc."""
+    for causal in (False, True):
+        for kp in plan_program(gmagen.gma(causal, "slot", "diag")).kernels:
+            src = cuda_source(kp, "bnhd", dims, frozenset({"key_mask"}), Config(vector=1),
+                              "sm_90", "bfloat16")
+            assert cubin.compile_cubin(src, "sm_90")[:4] == b"\x7fELF", kp.name
+
+
+@pytest.mark.parametrize("value", [-1, 2, 0.5, True])
+def test_vector_knob_is_validated(value):
+    with pytest.raises(OptionError, match=r"vector=.*a vector at a time"):
+        gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90,
+                       config={"vector": value}).source

@@ -34,6 +34,7 @@ Shared memory is "shared.dyn" (TVM's runtime raises the kernel's limit past 48 K
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tvm import s_tir
@@ -107,7 +108,8 @@ class _Sched:
         for idx, region in enumerate(sch.get(block).reads):
             base = str(region).split("[", 1)[0].removesuffix("_" + SMEM.replace(".", "_"))
             if base in names:
-                local = sch.cache_read(block, idx, "local")
+                # this block's own copy: the stage's other readers stay as they are
+                local = sch.cache_read(block, idx, "local", consumer_blocks=[block])
                 sch.compute_at(local, loop)
                 loops = sch.get_loops(local)
                 own = loops[[sch.get(x) for x in loops].index(sch.get(loop)) + 1:]
@@ -160,6 +162,10 @@ class _Sched:
     def tile_stages(self, tile_loop: Any, group: str = "") -> None:
         sch, g = self.sch, self.g
         tiled = [s for s in g.stages if s.loops == "bhti" and s.group == group]
+        if self.vector:
+            self.transpose_operands(tiled)
+            # every stage's rows 16-byte aligned: the products read them as vectors
+            self.aligned |= {s.name for s in tiled}
         for stage in reversed(tiled):
             block = sch.get_sblock(stage.name)
             # the scope first: compute_at relaxes a shared buffer's region over the
@@ -179,6 +185,37 @@ class _Sched:
             else:
                 self.flat_threads(loops[:spatial])
 
+    @staticmethod
+    def _reduces_last(region: Any, reduce_vars: list) -> bool:
+        """Whether the last index of a read region is a reduction variable's."""
+        last = str(region.region[-1].min)
+        return any(re.search(rf"\b{re.escape(v)}\b", last) for v in reduce_vars)
+
+    def _reduce_vars(self, block: Any) -> list:
+        return [iv.var.name for iv in self.sch.get(block).iter_vars if int(iv.iter_type) == 2]
+
+    def transpose_operands(self, tiled: list) -> None:
+        """vector: a tile stage that every "gemm" stage reading it reads along its
+        last axis (an operand [.., x, r], r reduced) is stored [.., r, x], so that a
+        thread's contiguous x of one reduction step are one vector in shared memory.
+        A stage read both ways (the scan's key responsibilities) keeps its layout."""
+        sch = self.sch
+        names = {s.name for s in tiled}
+        ways: dict = {}
+        for stage in tiled:
+            if stage.role != "gemm":
+                continue
+            block = sch.get_sblock(stage.name)
+            red = self._reduce_vars(block)
+            for region in sch.get(block).reads:
+                base = str(region).split("[", 1)[0]
+                if base in names and base != stage.name:
+                    ways.setdefault(base, set()).add(self._reduces_last(region, red))
+        for base, along in ways.items():
+            if along == {True}:
+                sch.transform_layout(sch.get_sblock(base), ("write", 0),
+                                     lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
+
     def gemm(self, block: Any, loops: list, cache: tuple) -> None:
         """(i, n) spatial, r reduced: TM x TN accumulators per thread in registers,
         the reduction in chunks of RED_CHUNK with ``cache`` tables staged in shared."""
@@ -197,7 +234,7 @@ class _Sched:
         sch.bind(tx, "threadIdx.x")
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
-        reduce_vars = [iv.var.name for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2]
+        reduce_vars = self._reduce_vars(block)
         for name in cache:
             # this block's own copy (the scan's three responsibilities read the same tables)
             staged = sch.cache_read(block, name, SMEM, consumer_blocks=[block])
@@ -207,8 +244,7 @@ class _Sched:
                 # a thread's TN outputs of one reduction step are then contiguous
                 region = [rg for rg in sch.get(block).reads
                           if str(rg).startswith(name + "_" + SMEM.replace(".", "_"))]
-                last = str(region[0].region[-1].min) if region else ""
-                if any(v in last for v in reduce_vars):
+                if region and self._reduces_last(region[0], reduce_vars):
                     sch.transform_layout(staged, ("write", 0),
                                          lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
             self.pad(staged, 3, 32, self.vector)  # [H, K, D] tables, float32
@@ -217,7 +253,9 @@ class _Sched:
             self.flat_threads(list(cl[depth + 1:]))
         sch.decompose_reduction(block, ro)
         if self.vector:
-            self.vector_operands(block, ri, set(cache))
+            # the staged tables and the kernel's own tile stages (the scan's products)
+            tiled = {s.name for s in self.g.stages if s.loops == "bhti"}
+            self.vector_operands(block, ri, set(cache) | tiled)
         sch.unroll(ii)
         sch.unroll(ni)
 

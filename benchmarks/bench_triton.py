@@ -127,11 +127,21 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                     kernels["gmagen-tvm"] = tvm_kernel(args, causal)
                 except (gmagen.errors.GMAError, ImportError, OSError) as exc:
                     print(f"  gmagen-tvm: {exc}", flush=True)
+            if "gmagen-tvm-vector" in impls and not args.tvm_exports:
+                # config knob vector=1 (vector operand loads), built in-process only
+                try:
+                    kernels["gmagen-tvm-vector"] = gmagen.compile(
+                        gmagen.gma(causal=causal), backend="tvm", target="cuda",
+                        config={"vector": 1})
+                except (gmagen.errors.GMAError, ImportError, OSError) as exc:
+                    print(f"  gmagen-tvm-vector: {exc}", flush=True)
             candidates = {
                 "gmagen-triton": lambda q, k, v, m, lv, lg: kern(q, k, v, m, lv, lg),
                 "gmagen-triton-tf32": lambda q, k, v, m, lv, lg: fast(q, k, v, m, lv, lg),
                 "gmagen-cupy": lambda q, k, v, m, lv, lg: kernels["gmagen-cupy"](q, k, v, m, lv, lg),
                 "gmagen-tvm": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm"](q, k, v, m, lv, lg),
+                "gmagen-tvm-vector": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm-vector"](
+                    q, k, v, m, lv, lg),
                 "sdpa-flash": lambda q, k, v, *_: _sdpa(q, k, v, causal),
                 "eager-gma": lambda *a: eager_gma(*a, causal=causal),
                 "compiled-gma": _compiled(causal),

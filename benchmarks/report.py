@@ -13,7 +13,8 @@ from pathlib import Path
 
 IMPLS = ["gmagen-triton", "gmagen-triton-tf32", "gmagen-triton-default", "gmagen-triton-tuned",
          "gmagen-triton-exhaustive", "gmagen-cupy", "gmagen-cupy-default", "gmagen-cupy-tuned",
-         "gmagen-tvm", "gmagen-tvm-default", "gmagen-tvm-tuned", "sdpa-flash", "eager-gma",
+         "gmagen-tvm", "gmagen-tvm-default", "gmagen-tvm-tuned", "gmagen-tvm-vector",
+         "sdpa-flash", "eager-gma",
          "compiled-gma", "floor"]
 
 

@@ -33,7 +33,8 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     and reports it.  D, Dv, K and dtype are the specialization's (the space itself
     does not depend on them)."""
     tile = _space._CUDA_TILE_KNOB.get(kind, "block_n")
-    values = {tile: TILES, "num_threads": THREADS, "min_blocks": MIN_BLOCKS, "vector": VECTOR}
+    values = {tile: TILES, "num_threads": THREADS, "min_blocks": MIN_BLOCKS,
+              "vector": VECTOR}
     if kind == "write":
         values["write_tiles"] = WRITE_TILES
     knobs = {}

@@ -16,12 +16,10 @@ from gmagen.errors import OptionError, UnsupportedFeature
 from gmagen.ir.program import Program
 
 SHAPE_KEYS = ("B", "N", "H", "D", "Dv", "K")
+DEFAULT_BUDGET_S = 30.0  # per shape: gmagen.tune, `gmagen tune`, autotune="on-miss"
 # the least a kernel plan's search gets when the plans before it used up the shape's
 # budget: the default's compile and timing (its result is then the default)
 MIN_PLAN_BUDGET_S = 1.0
-DEFAULT_BUDGET_S = 30.0  # per shape: gmagen.tune, `gmagen tune`, autotune="on-miss"
-
-
 # a search may end up to one compile (or the worker pool's grace period, 3 s) past its
 # deadline: held back from the shape's budget, so that the shape stays within it
 # (on an H100, 30 s per shape without it took 20.7-31.5 s for Triton)

@@ -106,8 +106,7 @@ class _Sched:
         the H100, L1/shared throughput 85% in the write kernel)."""
         sch = self.sch
         for idx, region in enumerate(sch.get(block).reads):
-            base = str(region).split("[", 1)[0].removesuffix("_" + SMEM.replace(".", "_"))
-            if base in names:
+            if self._buffer(region) in names:
                 # this block's own copy: the stage's other readers stay as they are
                 local = sch.cache_read(block, idx, "local", consumer_blocks=[block])
                 sch.compute_at(local, loop)
@@ -186,6 +185,16 @@ class _Sched:
                 self.flat_threads(loops[:spatial])
 
     @staticmethod
+    def _buffer(region: Any) -> str:
+        """The name of a read region's buffer less the shared scope's suffix (that of
+        the stage or table it holds)."""
+        return str(region).split("[", 1)[0].removesuffix("_" + SMEM.replace(".", "_"))
+
+    def _transpose(self, block: Any) -> None:
+        """The buffer ``block`` writes stored with its last two axes swapped."""
+        self.sch.transform_layout(block, ("write", 0), lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
+
+    @staticmethod
     def _reduces_last(region: Any, reduce_vars: list) -> bool:
         """Whether the last index of a read region is a reduction variable's."""
         last = str(region.region[-1].min)
@@ -208,13 +217,12 @@ class _Sched:
             block = sch.get_sblock(stage.name)
             red = self._reduce_vars(block)
             for region in sch.get(block).reads:
-                base = str(region).split("[", 1)[0]
+                base = self._buffer(region)
                 if base in names and base != stage.name:
                     ways.setdefault(base, set()).add(self._reduces_last(region, red))
         for base, along in ways.items():
             if along == {True}:
-                sch.transform_layout(sch.get_sblock(base), ("write", 0),
-                                     lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
+                self._transpose(sch.get_sblock(base))
 
     def gemm(self, block: Any, loops: list, cache: tuple) -> None:
         """(i, n) spatial, r reduced: TM x TN accumulators per thread in registers,
@@ -242,11 +250,9 @@ class _Sched:
             if self.vector:
                 # a table read [.., n, r] (the logits' [H, K, D]) is stored [.., r, n]:
                 # a thread's TN outputs of one reduction step are then contiguous
-                region = [rg for rg in sch.get(block).reads
-                          if str(rg).startswith(name + "_" + SMEM.replace(".", "_"))]
+                region = [rg for rg in sch.get(block).reads if self._buffer(rg) == name]
                 if region and self._reduces_last(region[0], reduce_vars):
-                    sch.transform_layout(staged, ("write", 0),
-                                         lambda *ix: (*ix[:-2], ix[-1], ix[-2]))
+                    self._transpose(staged)
             self.pad(staged, 3, 32, self.vector)  # [H, K, D] tables, float32
             cl = sch.get_loops(staged)
             depth = [sch.get(x) for x in cl].index(sch.get(ro))
@@ -333,7 +339,7 @@ class _Sched:
         if self.vector:
             # r [tile, K] and [m v, m] [tile, W] of one token: a thread's TM k and TN
             # columns are contiguous in their rows
-            operands = {str(rg).split("[", 1)[0] for rg in sch.get(block).reads} - {name}
+            operands = {self._buffer(rg) for rg in sch.get(block).reads} - {name}
             operands = {o for o in operands if not o.endswith("_local")}
             self.aligned |= operands
             self.vector_operands(block, sch.get_loops(block)[-3], operands)

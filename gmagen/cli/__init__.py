@@ -53,7 +53,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
 
 class Steps:
     """A progress bar of ``total`` steps (rich), or "[i/total]" lines without rich;
-    :meth:`log` prints a line above the bar."""
+    :meth:`advance` takes a step and prints its line above the bar."""
 
     def __init__(self, progress: Any, task: Any, total: int):
         self._progress, self._task, self.total, self.done = progress, task, total, 0

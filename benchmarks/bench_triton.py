@@ -101,6 +101,16 @@ def make_sets(B, N, H, D, K, dtype, n_sets):
     return sets
 
 
+def tvm_configs(args) -> dict[str, dict[str, int]]:
+    """{name: TVM config} of the gmagen-tvm-<name> impls: "vector" (vector=1) and
+    each --tvm-config NAME=KNOB:V,KNOB:V (an A/B of knobs the defaults lack)."""
+    out = {"vector": {"vector": 1}}
+    for spec in args.tvm_config:
+        name, _, knobs = spec.partition("=")
+        out[name] = {k: int(v) for k, v in (p.split(":") for p in knobs.split(",") if p)}
+    return out
+
+
 def bench_forward(args, bw: float, records: list, base: dict) -> None:
     B, H, D, K = 4, 16, 64, 64
     dtype = torch.bfloat16
@@ -127,21 +137,23 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                     kernels["gmagen-tvm"] = tvm_kernel(args, causal)
                 except (gmagen.errors.GMAError, ImportError, OSError) as exc:
                     print(f"  gmagen-tvm: {exc}", flush=True)
-            if "gmagen-tvm-vector" in impls and not args.tvm_exports:
-                # config knob vector=1 (vector operand loads), built in-process only
+            for name, config in tvm_configs(args).items():
+                # TVM with config knobs of its own (--tvm-config), built in-process only
+                impl = f"gmagen-tvm-{name}"
+                if impl not in impls or args.tvm_exports:
+                    continue
                 try:
-                    kernels["gmagen-tvm-vector"] = gmagen.compile(
-                        gmagen.gma(causal=causal), backend="tvm", target="cuda",
-                        config={"vector": 1})
+                    kernels[impl] = gmagen.compile(gmagen.gma(causal=causal), backend="tvm",
+                                                   target="cuda", config=config)
                 except (gmagen.errors.GMAError, ImportError, OSError) as exc:
-                    print(f"  gmagen-tvm-vector: {exc}", flush=True)
+                    print(f"  {impl}: {exc}", flush=True)
             candidates = {
                 "gmagen-triton": lambda q, k, v, m, lv, lg: kern(q, k, v, m, lv, lg),
                 "gmagen-triton-tf32": lambda q, k, v, m, lv, lg: fast(q, k, v, m, lv, lg),
                 "gmagen-cupy": lambda q, k, v, m, lv, lg: kernels["gmagen-cupy"](q, k, v, m, lv, lg),
                 "gmagen-tvm": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm"](q, k, v, m, lv, lg),
-                "gmagen-tvm-vector": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm-vector"](
-                    q, k, v, m, lv, lg),
+                **{f"gmagen-tvm-{name}": (lambda impl: lambda q, k, v, m, lv, lg: kernels[impl](
+                    q, k, v, m, lv, lg))(f"gmagen-tvm-{name}") for name in tvm_configs(args)},
                 "sdpa-flash": lambda q, k, v, *_: _sdpa(q, k, v, causal),
                 "eager-gma": lambda *a: eager_gma(*a, causal=causal),
                 "compiled-gma": _compiled(causal),
@@ -315,6 +327,9 @@ def main() -> None:
                     help="no benchmark: export the gmagen-tvm libraries of the benchmark "
                          "shape to DIR (a CPU machine with TVM and nvcc) and exit")
     ap.add_argument("--tvm-arch", default="sm_90")
+    ap.add_argument("--tvm-config", action="append", default=[], metavar="NAME=KNOB:V,...",
+                    help="an impl gmagen-tvm-NAME built with these cuda config knobs (list it "
+                         "in --impls); gmagen-tvm-vector is vector:1 unless given")
     args = ap.parse_args()
     if args.export_tvm:
         export_tvm(args.export_tvm, args.tvm_arch)

@@ -33,8 +33,11 @@ if [[ -f .carry/tvm/compiler/site.tar.xz && ! -d .carry/tvm/site ]]; then
       .carry/tvm/compiler/site.tar.xz .carry/tvm/site || echo "unpacking TVM's package failed"
 fi
 if [[ -d .carry/tvm/site ]]; then
-  $PY -c "import tvm_ffi" 2>/dev/null || $PY -m pip install -q --no-deps .carry/tvm/wheels/*.whl \
-      >>"$OUT/install.log" 2>&1 || echo "tvm-ffi install failed (see install.log)"
+  # --full packs tvm_ffi into site/ (no wheel); the runtime-only pack carries the wheel
+  if [[ -d .carry/tvm/wheels ]]; then
+    $PY -c "import tvm_ffi" 2>/dev/null || $PY -m pip install -q --no-deps .carry/tvm/wheels/*.whl \
+        >>"$OUT/install.log" 2>&1 || echo "tvm-ffi install failed (see install.log)"
+  fi
   export PYTHONPATH="$PWD/.carry/tvm/site${PYTHONPATH:+:$PYTHONPATH}"
   lib=.carry/tvm/site/tvm/lib/libtvm_compiler.so
   if [[ -f .carry/tvm/compiler/libtvm_compiler.so.xz && ! -f $lib ]]; then

@@ -4,7 +4,8 @@
 # to carry), under .carry/tvm (git-ignored; the device tool carries it):
 #   site/tvm     TVM's Python package without libtvm_compiler, 3rdparty, src,
 #                include and relax; imported there with TVM_USE_RUNTIME_LIB=1
-#   wheels/      apache-tvm-ffi for the GPU machine's Python (cp312)
+#   wheels/      apache-tvm-ffi for the GPU machine's Python (cp312); with --full it
+#                is unpacked into compiler/site.tar.xz instead
 #   exports/     libraries written by kernel.export (cubin compiled here by nvcc):
 #                tests/ for tests/gpu/test_tvm_cuda.py, bench/ for the benchmark
 #
@@ -40,9 +41,14 @@ if (( full )); then
   # the x86 branch filter and a dictionary past the default 64 MiB: 55 MiB, not 57
   xz --x86 --lzma2=preset=9e,dict=256MiB -T1 -c "$tvm_dir/lib/libtvm_compiler.so" \
       >"$dest/compiler/libtvm_compiler.so.xz"
-  # the Python package as one archive too (14 MB of files; ~3 MB), less TVM's web runtime
+  # the Python package as one archive too (14 MB of files; ~3 MB), less TVM's web runtime;
+  # tvm_ffi goes in it unpacked, less the C sources it bundles (libbacktrace): xz packs
+  # it to less than the wheel's zip, and the carry limit is tight (3.3 MB -> ~1.5 MB)
   rm -rf "$dest/site/tvm/web"
-  tar -C "$dest/site" -cf - tvm | xz -9e -T1 >"$dest/compiler/site.tar.xz"
+  python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+      "$dest"/wheels/*.whl "$dest/site"
+  rm -rf "$dest/site/tvm_ffi/3rdparty" "$dest/wheels"
+  tar -C "$dest/site" -cf - . | xz -9e -T1 >"$dest/compiler/site.tar.xz"
   rm -rf "$dest/site"
 else
   python "$root/tests/gpu/test_tvm_cuda.py" export "$dest/exports/tests" "$arch" >/dev/null

@@ -11,8 +11,9 @@ from .prelude import Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm",
-         token_dtype: str = "float32", tile: int = 0) -> Graph:
-    g = Graph("responsibility", layout, dims, target_kind, token_dtype, tile=tile)
+         token_dtype: str = "float32", tile: int = 0, wide_tiles: bool = False) -> Graph:
+    g = Graph("responsibility", layout, dims, target_kind, token_dtype, tile=tile,
+              wide_tiles=wide_tiles)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]

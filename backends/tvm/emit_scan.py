@@ -137,8 +137,9 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool, Dv: int) -> tuple:
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          chunk: int, target_kind: str = "llvm", token_dtype: str = "float32",
-         tile: bool = False) -> Graph:
-    g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0)
+         tile: bool = False, wide_tiles: bool = False) -> Graph:
+    g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0,
+              wide_tiles=wide_tiles)
     if tile:
         return _emit_tiled(g, kernel, present)
     op = kernel.main
@@ -288,8 +289,7 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     rk = g.r_operand(kernel, "rk", "k")
     vx = value_tile(g, op.v, mask, "v_ext", W)
 
-    def wide(x: Any) -> Any:
-        return x if g.token_dtype == F32 else x.astype(F32)
+    wide = g.widen
 
     def guard(cond: Any, value: Any) -> Any:
         return tirx.if_then_else(cond, value, tirx.const(0.0, F32))

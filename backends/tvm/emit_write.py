@@ -14,8 +14,8 @@ from .prelude import ACC_TILE, F32, Graph
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          target_kind: str = "llvm", token_dtype: str = "float32", tile: int = 0,
-         segment_tiles: int = 1) -> Graph:
-    g = Graph("write", layout, dims, target_kind, token_dtype, tile=tile)
+         segment_tiles: int = 1, wide_tiles: bool = False) -> Graph:
+    g = Graph("write", layout, dims, target_kind, token_dtype, tile=tile, wide_tiles=wide_tiles)
     if tile:
         return _emit_tiled(g, kernel, present, segment_tiles)
     op = kernel.main
@@ -77,7 +77,7 @@ def value_tile(g: Graph, v_name: str, mask: Any, name: str, width: int = 0) -> A
     Dv = g.dims["Dv"]
     width = max(width, Dv + 1)
     raw = g.input(v_name, g.token_shape(Dv), dtype=g.token_dtype)
-    zero, one = tirx.const(0, g.token_dtype), tirx.const(1, g.token_dtype)
+    zero, one = tirx.const(0, g.tile_dtype), tirx.const(1, g.tile_dtype)
 
     def load(ix, e):
         b, h, n = ix[0], ix[1], g.n_of(ix)
@@ -85,12 +85,13 @@ def value_tile(g: Graph, v_name: str, mask: Any, name: str, width: int = 0) -> A
         if mask is not None:
             keep = tirx.all(keep, mask(b, n))
         v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
+        v = v if g.tile_dtype == g.token_dtype else v.astype(g.tile_dtype)
         if width > Dv + 1:
             keep = tirx.all(keep, e <= Dv)
         return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)
     cols = "Dv + 1" if width == Dv + 1 else f"{width}: Dv + 1 and zeros"
     return g.per_token(name, (width,), load, f"[m_j v_j, m_j] tile  [N, {cols}] "
-                       f"({g.token_dtype}; zeros past N)", "fill")
+                       f"({g.tile_dtype}; zeros past N)", "fill")
 
 
 def segment_partials(g: Graph, r: Any, vx: Any, segment_tiles: int, name: str) -> Any:
@@ -113,7 +114,7 @@ def segment_partials(g: Graph, r: Any, vx: Any, segment_tiles: int, name: str) -
     def term(b, h, s, k, e):
         t = s * TPS + jt
         v = vx[b, h, t, ji, e]
-        v = v if g.token_dtype == F32 else v.astype(F32)
+        v = g.widen(v)
         # no guard: the segments cover whole tile slots (Graph.tiles), and the slots
         # past the last tile hold zero rows of vx (tokens past N) and finite r, so they
         # add nothing.  (A guard t < tiles here was loop-invariant, but nvcc kept a

@@ -41,15 +41,19 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
           config: Config, target_kind: str = "llvm", token_dtype: str = "float32") -> Graph:
     # cuda: per-token stages in tiles of block_n tokens (schedule_cuda.py)
     tile = int(config["block_n"]) if target_kind == "cuda" or TILED_ON_CPU else 0
+    # the tiles are only staged (shared memory) on cuda
+    wide = bool(tile) and target_kind == "cuda" and bool(config.get("wide_tiles", 0))
     if kernel.kind == "responsibility":
-        return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile)
+        return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile,
+                                        wide_tiles=wide)
     if kernel.kind == "write":
         return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
-                               int(config["write_tiles"]))
+                               int(config["write_tiles"]), wide_tiles=wide)
     if kernel.kind == "read":
-        return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile)
+        return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
+                              wide_tiles=wide)
     return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind,
-                          token_dtype, bool(tile))
+                          token_dtype, bool(tile), wide_tiles=wide)
 
 
 def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],

@@ -82,11 +82,23 @@ class Graph:
     inline: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
+    wide_tiles: bool = False  # config knob wide_tiles: 16-bit token tiles staged as float32
     tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
                              # to a multiple of this (write: whole segments, ``tiles``)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
     group: str = ""          # stamped on the stages emitted next (Stage.group)
     _cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def tile_dtype(self) -> str:
+        """The dtype of the token tiles a kernel stages (x, [m v, m]): the tokens' own,
+        widened at every read by a product, or (``wide_tiles``) float32, widened once
+        as the tile is loaded (twice the shared memory for 16-bit tokens)."""
+        return F32 if self.wide_tiles else self.token_dtype
+
+    def widen(self, value: Any) -> Any:
+        """A value read from a token tile, as float32."""
+        return value if str(value.dtype) == F32 else value.astype(F32)
 
     # -- parameters ------------------------------------------------------------
     def token_shape(self, x: Dim) -> tuple[Dim, ...]:
@@ -315,12 +327,13 @@ class Graph:
             def load(ix, i):
                 bi, h, n = ix[0], ix[1], self.n_of(ix)
                 v = raw[bi, n, h, i] if self.layout == "bnhd" else raw[bi, h, n, i]
-                return tirx.if_then_else(n < self.N, v, tirx.const(0, self.token_dtype))
-            xt = self.per_token(f"{tag}_x", (D,), load, f"x tile  [BLOCK_N, D] ({self.token_dtype})",
+                v = v if self.tile_dtype == self.token_dtype else v.astype(self.tile_dtype)
+                return tirx.if_then_else(n < self.N, v, tirx.const(0, self.tile_dtype))
+            xt = self.per_token(f"{tag}_x", (D,), load, f"x tile  [BLOCK_N, D] ({self.tile_dtype})",
                                 "fill")
 
             def xv(ix, i):
-                return xt[(*ix, i)].astype(F32) if self.token_dtype != F32 else xt[(*ix, i)]
+                return self.widen(xt[(*ix, i)])
         else:
             def xv(ix, i):
                 return x(ix[0], ix[2], ix[1], i)

@@ -30,8 +30,12 @@ KNOBS = {
     "vector": "cuda: 1 reads the products' operands from shared memory a vector at a time "
               "(the logit tables stored transposed, rows 16-byte aligned), 0 a scalar at a "
               "time",
+    "wide_tiles": "cuda: 1 stages 16-bit token tiles (x, [m v, m]) in shared memory as "
+                  "float32, widened once as they are loaded (twice their shared memory), 0 "
+                  "in the tokens' dtype, widened at every read by a product",
 }
-DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0, vector=0)
+DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0, vector=0,
+                  wide_tiles=0)
 # cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
 # [64, K] logits and [64, Dv] products at K = Dv = 64); the scan's tile is its chunk,
 # so chunks of 64 as well (the [C, C] product then fills the 256 threads too).
@@ -68,9 +72,9 @@ def validate(config: Config, target: str = "llvm", kind: str = "") -> Config:
     for key in KNOBS:
         value = full[key]
         if (isinstance(value, bool) or not isinstance(value, int)
-                or value < (0 if key in ("min_blocks", "vector") else 1)
+                or value < (0 if key in ("min_blocks", "vector", "wide_tiles") else 1)
                 or (key == "num_threads" and value > 1024)
-                or (key == "vector" and value > 1)
+                or (key in ("vector", "wide_tiles") and value > 1)
                 or (key == "min_blocks" and value > 32)):  # 32: the most blocks an SM holds
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")

@@ -161,6 +161,16 @@ def test_variant_vector_loads(variant, dtype):
     test_variant(variant, dtype, {"vector": 1})
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_name(*v, "") [:-1] for v in VARIANTS])
+def test_variant_wide_tiles(variant, dtype):
+    """Config knob wide_tiles=1 (16-bit token tiles staged as float32), with vector=1
+    (the pair the A/B measures): in-process builds only."""
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("wide_tiles=1 is built in-process; here TVM runs exported libraries only")
+    test_variant(variant, dtype, {"vector": 1, "wide_tiles": 1})
+
+
 def _check_shape(causal, norm, dtype, name, N, dims, seed, config=None):
     rng = np.random.default_rng(seed)
     tokens, mix, extra = _inputs(rng, "diag", dtype, True, False, N=N, **dims)
@@ -196,6 +206,14 @@ def test_bench_shape_vector_loads(variant):
         pytest.skip("vector=1 is built in-process; here TVM runs exported libraries only")
     causal, norm = variant
     _check_shape(causal, norm, "bf16", "", BENCH_N, BENCH, 7, {"vector": 1})
+
+
+@pytest.mark.parametrize("variant", BENCH_VARIANTS, ids=lambda v: str(v))
+def test_bench_shape_wide_tiles(variant):
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("wide_tiles=1 is built in-process; here TVM runs exported libraries only")
+    causal, norm = variant
+    _check_shape(causal, norm, "bf16", "", BENCH_N, BENCH, 7, {"vector": 1, "wide_tiles": 1})
 
 
 @pytest.mark.parametrize("variant", LARGE, ids=lambda v: str(v))

@@ -458,3 +458,39 @@ def test_vector_knob_is_validated(value):
     with pytest.raises(OptionError, match=r"vector=.*a vector at a time"):
         gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90,
                        config={"vector": value}).source
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_wide_tiles_stage_float32(causal, dtype):
+    """Config knob wide_tiles=1: the token tiles (x, [m v, m]) are shared float32
+    buffers, filled from the 16-bit tokens once (a conversion per loaded element), so
+    no product converts a 16-bit shared value; the source differs from wide_tiles=0,
+    and nvcc compiles it for sm_80 and sm_90 (with vector=1 too)."""
+    dims = {"D": 64, "Dv": 64, "K": 64}
+    present = frozenset({"key_mask"})
+    half = "half" if dtype == "float16" else "nv_bfloat16"
+    shared_16 = re.compile(rf"\(\({half}\*\)buf_dyn_shmem_ptr\)")
+    for kp in plan_program(gmagen.gma(causal)).kernels:
+        narrow = cuda_source(kp, "bnhd", dims, present, Config(), "sm_90", dtype)
+        wide = cuda_source(kp, "bnhd", dims, present, Config(wide_tiles=1), "sm_90", dtype)
+        assert shared_16.search(narrow), kp.name   # 16-bit tiles in shared memory
+        assert not shared_16.search(wide), kp.name  # none: every tile float32
+        assert half in wide, kp.name                # the tokens are still read as 16-bit
+        for arch in ("sm_80", "sm_90"):
+            for config in (Config(wide_tiles=1), Config(wide_tiles=1, vector=1)):
+                src = cuda_source(kp, "bnhd", dims, present, config, arch, dtype)
+                assert cubin.compile_cubin(src, arch)[:4] == b"\x7fELF", (kp.name, config)
+
+
+def test_wide_tiles_is_a_no_op_for_float32_tokens():
+    for kp in plan_program(gmagen.gma(True)).kernels:
+        assert (cuda_source(kp, "bnhd", DIMS, frozenset(), Config(wide_tiles=1), "sm_90")
+                == cuda_source(kp, "bnhd", DIMS, frozenset(), Config(), "sm_90")), kp.name
+
+
+@pytest.mark.parametrize("value", [-1, 2, 0.5, True])
+def test_wide_tiles_knob_is_validated(value):
+    with pytest.raises(OptionError, match=r"wide_tiles=.*float32"):
+        gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90,
+                       config={"wide_tiles": value}).source

@@ -10,10 +10,11 @@ its arch); B, N and H stay symbolic in the built function.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gmagen.config import Config
-from gmagen.errors import DTypeError, OptionError, ShapeError
+from gmagen.errors import DTypeError, OptionError, ShapeError, UnsupportedFeature
 from gmagen.ir.passes.plan import KernelPlan
 from gmagen.ir.printer import print_op
 
@@ -21,6 +22,8 @@ from ..base import Executable
 from . import emit_read, emit_responsibility, emit_scan, emit_write, launch, pipeline, space
 from .prelude import Graph, Param, check_supported
 from .runtime import ShapeMismatch, Slot, Step, run_step
+
+log = logging.getLogger("gmagen.tvm")
 
 TARGET_KINDS = ("llvm", "cuda")
 TOKEN_DTYPES = {"llvm": ("f32",), "cuda": ("f32", "f16", "bf16")}
@@ -122,14 +125,33 @@ class TVMExecutable(Executable):
         self.dims = {d: int(binding.dims[d]) for d in ("D", "Dv", "K") if d in binding.dims}
         optional = {getattr(kernel.main, f, None) for f in ("key_mask", "initial_state")}
         self.present = frozenset(v for v in optional if v is not None and v in binding.present)
-        key = ("tvm", tvm.__version__, kernel.kind, tuple(print_op(op) for op in kernel.ops),
-               kernel.inputs, kernel.outputs, self.layout, tuple(sorted(self.present)),
-               tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())), target,
-               self.arch, self.token_dtype, TILED_ON_CPU)
-        what = (f"the {kernel.kind} plan ({', '.join(f'{d}={n}' for d, n in self.dims.items())}, "
-                f"{token} tokens, config {dict(self.config)})")
-        self.built = launch.build(key, self._make, target_dict(target, self.arch), what)
+        try:
+            self.built = self._build(token)
+        except UnsupportedFeature:
+            # wide_tiles is a preference: float32 tiles where they fit the arch's shared
+            # memory per block (bidirectional at D = Dv = K = 256 on sm_90 needs 270,336
+            # bytes with them, 207,360 without), else the tokens' dtype
+            if not (target == "cuda" and self.config["wide_tiles"]
+                    and self.token_dtype != "float32"):
+                raise
+            log.info("tvm backend: %s: float32 tiles exceed the shared memory per block of "
+                     "%s; built with wide_tiles=0", kernel.name, self.arch)
+            self.config = self.config.replace(wide_tiles=0)
+            self.built = self._build(token)
         self.source = self.built.source
+
+    def _build(self, token: str) -> Any:
+        import tvm
+
+        key = ("tvm", tvm.__version__, self.kernel.kind,
+               tuple(print_op(op) for op in self.kernel.ops), self.kernel.inputs,
+               self.kernel.outputs, self.layout, tuple(sorted(self.present)),
+               tuple(sorted(self.dims.items())), tuple(sorted(self.config.items())),
+               self.target, self.arch, self.token_dtype, TILED_ON_CPU)
+        what = (f"the {self.kernel.kind} plan ("
+                f"{', '.join(f'{d}={n}' for d, n in self.dims.items())}, {token} tokens, "
+                f"config {dict(self.config)})")
+        return launch.build(key, self._make, target_dict(self.target, self.arch), what)
 
     # -- code generation ---------------------------------------------------
     def _make(self) -> tuple:

@@ -421,7 +421,8 @@ def test_write_backs_of_the_scan_are_guarded(D, Dv, K):
 def test_vector_operand_loads(causal, dtype):
     """Config knob vector=1: at the benchmark shape the logit tables are staged
     transposed and every product reads its operands as 16-byte vectors from shared
-    memory (scalar loads with vector=0); nvcc compiles both for sm_80 and sm_90."""
+    memory (scalar loads with vector=0); nvcc compiles both for sm_80 and sm_90.
+    vector=1 is the cuda default."""
     dims = {"D": 64, "Dv": 64, "K": 64}
     present = frozenset({"key_mask"})
     vec_loads = re.compile(r"\*\((?:float4|nv_bfloat164)\*\)\(\(\((?:float|nv_bfloat16)\*\)"
@@ -431,7 +432,7 @@ def test_vector_operand_loads(causal, dtype):
     # scan's in-chunk products too
     least = {"write": 5, "read": 5, "scan": 17}
     for kp in plan_program(gmagen.gma(causal)).kernels:
-        base = cuda_source(kp, "bnhd", dims, present, Config(), "sm_90", dtype)
+        base = cuda_source(kp, "bnhd", dims, present, Config(vector=0), "sm_90", dtype)
         vec = cuda_source(kp, "bnhd", dims, present, Config(vector=1), "sm_90", dtype)
         assert not vec_loads.search(base), kp.name
         assert len(vec_loads.findall(vec)) >= (least[kp.kind] if dtype == "bfloat16" else 4), \
@@ -472,7 +473,7 @@ def test_wide_tiles_stage_float32(causal, dtype):
     half = "half" if dtype == "float16" else "nv_bfloat16"
     shared_16 = re.compile(rf"\(\({half}\*\)buf_dyn_shmem_ptr\)")
     for kp in plan_program(gmagen.gma(causal)).kernels:
-        narrow = cuda_source(kp, "bnhd", dims, present, Config(), "sm_90", dtype)
+        narrow = cuda_source(kp, "bnhd", dims, present, Config(wide_tiles=0), "sm_90", dtype)
         wide = cuda_source(kp, "bnhd", dims, present, Config(wide_tiles=1), "sm_90", dtype)
         assert shared_16.search(narrow), kp.name   # 16-bit tiles in shared memory
         assert not shared_16.search(wide), kp.name  # none: every tile float32
@@ -486,7 +487,7 @@ def test_wide_tiles_stage_float32(causal, dtype):
 def test_wide_tiles_is_a_no_op_for_float32_tokens():
     for kp in plan_program(gmagen.gma(True)).kernels:
         assert (cuda_source(kp, "bnhd", DIMS, frozenset(), Config(wide_tiles=1), "sm_90")
-                == cuda_source(kp, "bnhd", DIMS, frozenset(), Config(), "sm_90")), kp.name
+                == cuda_source(kp, "bnhd", DIMS, frozenset(), Config(wide_tiles=0), "sm_90")), kp.name
 
 
 @pytest.mark.parametrize("value", [-1, 2, 0.5, True])
@@ -494,3 +495,18 @@ def test_wide_tiles_knob_is_validated(value):
     with pytest.raises(OptionError, match=r"wide_tiles=.*float32"):
         gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90,
                        config={"wide_tiles": value}).source
+
+
+def test_wide_tiles_yield_where_shared_memory_runs_out(tmp_path):
+    """wide_tiles=1 (the default) is a preference: bidirectional bf16 at D = Dv = K =
+    256 on sm_90 needs 270,336 bytes of shared memory per block with float32 tiles
+    (the limit is 232,448), so both plans are built with wide_tiles=0 and say so in
+    the exported manifest; at D = 64 they keep wide_tiles=1."""
+    kern = gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90)
+    spec = {"dtype": "bf16", "key_mask": True}
+    for dims, wide in ((256, 0), (64, 1)):
+        path = tmp_path / f"d{dims}"
+        export_kernel(kern, str(path), dict(spec, D=dims, Dv=dims, K=dims))
+        manifest = json.loads((path / MANIFEST).read_text())
+        configs = [c for sp in manifest["specializations"] for c in sp["config"].values()]
+        assert configs and all(c["wide_tiles"] == wide for c in configs), (dims, configs)

@@ -299,11 +299,16 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     st = te.compute((g.B, g.H, g.tiles, K, W), lambda b, h, t, k, e: ps[b, h, t, k, e],
                     name="S_tile")
     g.stage(st, "bhti", f"S_in(c), n_in(c) of the tile's chunk  [K, {W}]", "fill")
+    # The causal mask j <= i of the in-chunk products is a [C, C] factor of its own
+    # ("map" stages, C x C selects), not a select in the products (C x C x K or
+    # C x C x W: in the sm_90 SASS one ISETP and one FSEL or a branch per FFMA)
     if op.norm == "slot":
+        m_tri = g.per_token("m_tri", (C,), lambda ix, j: guard(
+            j <= ix[3], wide(vx[ix[0], ix[1], ix[2], j, Dv])),
+            "m_j if j <= i else 0  [C, C]", "map")
         j0 = te.reduce_axis((0, C), name="j")
         wc = g.per_token("w_cum", (K,), lambda ix, k: te.sum(
-            guard(j0 <= ix[3], rk[ix[0], ix[1], ix[2], j0, k] * wide(vx[ix[0], ix[1], ix[2],
-                                                                       j0, Dv])), axis=j0),
+            m_tri[(*ix, j0)] * rk[ix[0], ix[1], ix[2], j0, k], axis=j0),
             "sum_(j in chunk, j <= i) m_j r_jk  [C, K]", "gemm")
         qn = g.per_token("q_norm", (K,), lambda ix, k: rq[(*ix, k)] / (
             st[ix[0], ix[1], ix[2], k, Dv] + wc[(*ix, k)] + eps),
@@ -314,12 +319,12 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     kk = te.reduce_axis((0, K), name="k")
     a = g.per_token("A", (C,), lambda ix, j: te.sum(
         qn[(*ix, kk)] * rk[ix[0], ix[1], ix[2], j, kk], axis=kk),
-        "A_ij = q_i . r_j  [C, C] (j <= i applied in y_intra)", "gemm")
+        "A_ij = q_i . r_j  [C, C] (j <= i applied in A_causal)", "gemm")
+    a_causal = g.per_token("A_causal", (C,), lambda ix, j: guard(j <= ix[3], a[(*ix, j)]),
+                           "A_ij if j <= i else 0  [C, C] (A is finite for every j)", "map")
     j1 = te.reduce_axis((0, C), name="j")
-    # the causal mask on the factor A (finite for every j of the chunk), not on the
-    # product: acc + A' v is one FMA
     intra = g.per_token("y_intra", (width,), lambda ix, e: te.sum(
-        guard(j1 <= ix[3], a[(*ix, j1)]) * wide(vx[ix[0], ix[1], ix[2], j1, e]), axis=j1),
+        a_causal[(*ix, j1)] * wide(vx[ix[0], ix[1], ix[2], j1, e]), axis=j1),
         "sum_(j <= i) A_ij [m_j v_j, m_j]  [C, W]", "gemm")
     k1 = te.reduce_axis((0, K), name="k")
     inter = g.per_token("y_inter", (width,), lambda ix, e: te.sum(

@@ -47,6 +47,7 @@ SMEM = "shared.dyn"
 TM = TN = ACC_TILE     # accumulator tile per thread of a "gemm" stage (tokens x outputs)
 RED_CHUNK = 32         # reduction elements per staging of the coefficient tables
 MIX_THREADS = 128
+FILL_VECTOR = 4        # vector: elements per thread and step of a tile's load (fill stages)
 
 
 class _Sched:
@@ -121,6 +122,21 @@ class _Sched:
                     # too) stays a scalar copy; TVM leaves the schedule as it was
                     pass
 
+    def vector_fill(self, block: Any, loops: list) -> None:
+        """A "fill" stage (a tile loaded from global memory) with FILL_VECTOR elements of
+        its last axis per thread and step, vectorized: one global and one shared
+        access per vector instead of one per element (with the element's guards)."""
+        sch = self.sch
+        if loops and int(sch.get(loops[-1]).extent) % FILL_VECTOR == 0:
+            outer, lanes = sch.split(loops[-1], [None, FILL_VECTOR])
+            self.flat_threads([*loops[:-1], outer])
+            try:
+                sch.vectorize(lanes)
+            except s_tir.ScheduleError:
+                pass  # (a fill TVM cannot vectorize stays a loop of FILL_VECTOR per thread)
+        else:
+            self.flat_threads(loops)
+
     def rows(self, block: Any, spatial: list, lead: int, threads: int) -> None:
         """A reduction per element of ``spatial`` (over threads), accumulated in a
         register and stored once (a read-modify-write of shared memory per term
@@ -181,6 +197,8 @@ class _Sched:
                 self.gemm(block, loops, stage.cache)
             elif stage.role == "rows":
                 self.rows(block, loops[:spatial], 3, self.threads)
+            elif stage.role == "fill" and self.vector:
+                self.vector_fill(block, loops[:spatial])
             else:
                 self.flat_threads(loops[:spatial])
 

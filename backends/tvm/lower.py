@@ -101,8 +101,6 @@ class TVMExecutable(Executable):
 
     def __init__(self, kernel: KernelPlan, binding: Any, config: Config, target: str = "llvm",
                  arch: str = ""):
-        import tvm
-
         if target not in TARGET_KINDS:
             raise OptionError(f"tvm backend: target={target!r} is not allowed; expected one of "
                               + ", ".join(map(repr, TARGET_KINDS)))

@@ -152,8 +152,8 @@ def bench_forward(args, bw: float, records: list, base: dict) -> None:
                 "gmagen-triton-tf32": lambda q, k, v, m, lv, lg: fast(q, k, v, m, lv, lg),
                 "gmagen-cupy": lambda q, k, v, m, lv, lg: kernels["gmagen-cupy"](q, k, v, m, lv, lg),
                 "gmagen-tvm": lambda q, k, v, m, lv, lg: kernels["gmagen-tvm"](q, k, v, m, lv, lg),
-                **{f"gmagen-tvm-{name}": (lambda impl: lambda q, k, v, m, lv, lg: kernels[impl](
-                    q, k, v, m, lv, lg))(f"gmagen-tvm-{name}") for name in tvm_configs(args)},
+                **{impl: (lambda *a, impl=impl: kernels[impl](*a))
+                   for impl in (f"gmagen-tvm-{name}" for name in tvm_configs(args))},
                 "sdpa-flash": lambda q, k, v, *_: _sdpa(q, k, v, causal),
                 "eager-gma": lambda *a: eager_gma(*a, causal=causal),
                 "compiled-gma": _compiled(causal),

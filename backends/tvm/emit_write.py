@@ -9,7 +9,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from .prelude import ACC_TILE, F32, Graph
+from .prelude import ACC_TILE, Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
@@ -85,7 +85,7 @@ def value_tile(g: Graph, v_name: str, mask: Any, name: str, width: int = 0) -> A
         if mask is not None:
             keep = tirx.all(keep, mask(b, n))
         v = raw[b, n, h, e] if g.layout == "bnhd" else raw[b, h, n, e]
-        v = v if g.tile_dtype == g.token_dtype else v.astype(g.tile_dtype)
+        v = g.to_tile(v)
         if width > Dv + 1:
             keep = tirx.all(keep, e <= Dv)
         return tirx.if_then_else(keep, tirx.if_then_else(e < Dv, v, one), zero)

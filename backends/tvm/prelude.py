@@ -96,6 +96,10 @@ class Graph:
         as the tile is loaded (twice the shared memory for 16-bit tokens)."""
         return F32 if self.wide_tiles else self.token_dtype
 
+    def to_tile(self, value: Any) -> Any:
+        """A token loaded from global memory, in the dtype of the tiles (tile_dtype)."""
+        return value if self.tile_dtype == self.token_dtype else value.astype(self.tile_dtype)
+
     def widen(self, value: Any) -> Any:
         """A value read from a token tile, as float32."""
         return value if str(value.dtype) == F32 else value.astype(F32)
@@ -327,8 +331,8 @@ class Graph:
             def load(ix, i):
                 bi, h, n = ix[0], ix[1], self.n_of(ix)
                 v = raw[bi, n, h, i] if self.layout == "bnhd" else raw[bi, h, n, i]
-                v = v if self.tile_dtype == self.token_dtype else v.astype(self.tile_dtype)
-                return tirx.if_then_else(n < self.N, v, tirx.const(0, self.tile_dtype))
+                return tirx.if_then_else(n < self.N, self.to_tile(v),
+                                         tirx.const(0, self.tile_dtype))
             xt = self.per_token(f"{tag}_x", (D,), load, f"x tile  [BLOCK_N, D] ({self.tile_dtype})",
                                 "fill")
 

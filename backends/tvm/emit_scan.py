@@ -137,9 +137,9 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool, Dv: int) -> tuple:
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          chunk: int, target_kind: str = "llvm", token_dtype: str = "float32",
-         tile: bool = False, wide_tiles: bool = False) -> Graph:
+         tile: bool = False, wide_tiles: bool = False, mma: bool = False) -> Graph:
     g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0,
-              wide_tiles=wide_tiles)
+              wide_tiles=wide_tiles, mma=mma)
     if tile:
         return _emit_tiled(g, kernel, present)
     op = kernel.main
@@ -274,7 +274,7 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     # what each chunk writes (the keys' responsibilities are computed again in the
     # y kernel: recomputing [C, K] costs less than a global [B, H, N, K] buffer)
     g.group = "part"
-    rk_part = g.r_operand(kernel, "rk", "kp")
+    rk_part = g.r_operand(kernel, "rk", "kp", mma=False)  # (emit_write: why)
     # [v, 1] rounded up to whole accumulator tiles (emit_write._emit_tiled: why)
     W = -(-(Dv + 1) // ACC_TILE) * ACC_TILE
     vx_part = value_tile(g, op.v, mask, "v_part", W)

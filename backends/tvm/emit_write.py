@@ -48,7 +48,9 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     K, Dv = g.dims["K"], g.dims["Dv"]
     B, H = g.B, g.H
     g.tile_multiple = segment_tiles  # whole segments of tile slots: no guard in the sum
-    r = g.r_operand(kernel, "r", "k")
+    # SIMT logits (mma=False): this kernel's threads are one per accumulator tile of
+    # S_seg (schedule_cuda.segment_output), not a whole number of warps
+    r = g.r_operand(kernel, "r", "k", mma=False)
     mask = g.key_mask(op.key_mask if op.key_mask in present else None)
     # columns Dv + 1 rounded up to the schedule's accumulator tile (zeros past n's
     # column): no thread's 4 x 4 accumulators straddle the end of a row, so the token

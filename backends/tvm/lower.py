@@ -46,17 +46,21 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
     tile = int(config["block_n"]) if target_kind == "cuda" or TILED_ON_CPU else 0
     # the tiles are only staged (shared memory) on cuda
     wide = bool(tile) and target_kind == "cuda" and bool(config.get("wide_tiles", 0))
+    # tensor cores for the logits: cuda with 16-bit tokens (TILED_ON_CPU: the graph's
+    # numerics on the CPU for any tokens, products in TE's plain loops)
+    mma = bool(tile) and bool(config.get("mma", 0)) and (
+        token_dtype != "float32" if target_kind == "cuda" else TILED_ON_CPU)
     if kernel.kind == "responsibility":
         return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile,
-                                        wide_tiles=wide)
+                                        wide_tiles=wide, mma=mma)
     if kernel.kind == "write":
         return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
                                int(config["write_tiles"]), wide_tiles=wide)
     if kernel.kind == "read":
         return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
-                              wide_tiles=wide)
+                              wide_tiles=wide, mma=mma)
     return emit_scan.emit(kernel, layout, dims, present, int(config["chunk"]), target_kind,
-                          token_dtype, bool(tile), wide_tiles=wide)
+                          token_dtype, bool(tile), wide_tiles=wide, mma=mma)
 
 
 def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
@@ -72,6 +76,8 @@ def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
     func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
     if target_kind == "cuda" and int(config.get("min_blocks", 0)) > 0:
         func = func.with_attr(pipeline.MIN_BLOCKS_ATTR, int(config["min_blocks"]))
+    if target_kind == "cuda" and graph.mma:
+        func = func.with_attr(pipeline.MMA_ATTR, 1)
     sch = schedule(graph, func, config, target_kind)
     return graph, tvm.IRModule({FUNC_NAME: sch.mod["main"]}), str(sch.trace)
 
@@ -85,8 +91,9 @@ def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: 
     _, mod, _ = scheduled_module(kernel, layout, dims, present,
                                  space.validate(config, "cuda", kernel.kind), "cuda",
                                  token_dtype)
-    lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)),
-                      tir_pipeline=pipeline.register())
+    with tvm.transform.PassContext(config=pipeline.pass_config(mod)):
+        lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)),
+                          tir_pipeline=pipeline.register())
     return lib_cuda_source(lib)
 
 
@@ -123,19 +130,21 @@ class TVMExecutable(Executable):
         self.dims = {d: int(binding.dims[d]) for d in ("D", "Dv", "K") if d in binding.dims}
         optional = {getattr(kernel.main, f, None) for f in ("key_mask", "initial_state")}
         self.present = frozenset(v for v in optional if v is not None and v in binding.present)
-        try:
-            self.built = self._build(token)
-        except UnsupportedFeature:
-            # wide_tiles is a preference: float32 tiles where they fit the arch's shared
-            # memory per block (bidirectional at D = Dv = K = 256 on sm_90 needs 270,336
-            # bytes with them, 207,360 without), else the tokens' dtype
-            if not (target == "cuda" and self.config["wide_tiles"]
-                    and self.token_dtype != "float32"):
-                raise
-            log.info("tvm backend: %s: float32 tiles exceed the shared memory per block of "
-                     "%s; built with wide_tiles=0", kernel.name, self.arch)
-            self.config = self.config.replace(wide_tiles=0)
-            self.built = self._build(token)
+        # wide_tiles and mma are preferences: float32 tiles (bidirectional at D = Dv = K =
+        # 256 on sm_90 needs 270,336 bytes with them, 207,360 without) and the token
+        # pieces of mma where they fit the arch's shared memory per block, else without
+        # (first wide_tiles, then mma): UnsupportedFeature from launch.check_shared_memory
+        while True:
+            try:
+                self.built = self._build(token)
+                break
+            except UnsupportedFeature:
+                knob = next((k for k in ("wide_tiles", "mma") if self.config[k]), None)
+                if not (target == "cuda" and knob and self.token_dtype != "float32"):
+                    raise
+                log.info("tvm backend: %s: %s=1 exceeds the shared memory per block of %s; "
+                         "built with %s=0", kernel.name, knob, self.arch, knob)
+                self.config = self.config.replace(**{knob: 0})
         self.source = self.built.source
 
     def _build(self, token: str) -> Any:

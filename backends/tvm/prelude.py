@@ -27,6 +27,14 @@ F32 = "float32"
 F64 = "float64"  # the mixture's coefficients, before rounding (Graph._mixture)
 ROW_PARTS = 4    # threads per token of a tiled reduction over k (Graph.row_reduce)
 ACC_TILE = 4     # the cuda schedule's accumulators per thread along each axis (TM = TN)
+MMA = 16         # the tensor-core tile (WMMA m16n16k16) of "mma" stages: D and K padded to it
+BF16 = "bfloat16"
+# mma: exact bfloat16 pieces (Graph._logit_pieces).  Token pieces per dtype: x needs
+# 1 (bf16: exact), 2 (f16: 11 significant bits) or 3 (f32: 24); x*x, exact in float32
+# for 16-bit x (16 / 22 bits), 2, 3 or 3 pieces.  Coefficients: 3 pieces (24 bits).
+X_PIECES = {"bfloat16": 1, "float16": 2, "float32": 3}
+XX_PIECES = {"bfloat16": 2, "float16": 3, "float32": 3}
+COEF_PIECES = 3
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
     wide_tiles: bool = False  # config knob wide_tiles: 16-bit token tiles staged as float32
+    mma: bool = False        # config knob mma: the logits' product on tensor cores ("mma" stage)
     tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
                              # to a multiple of this (write: whole segments, ``tiles``)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
@@ -315,15 +324,20 @@ class Graph:
         self._cache[key] = (a, b, c)
         return self._cache[key]
 
-    def responsibility(self, op: _ops.Responsibility, tag: str) -> Any:
+    def responsibility(self, op: _ops.Responsibility, tag: str, mma: bool = True) -> Any:
         """r [*token_lead, K] of the token input op.x (oracle.responsibility): the
         logits in the expanded form with centred coefficients (``_mixture``: the
         products are float32, their coefficients rounded from float64), then a
         stable softmax over k (row max subtracted).  Tiled (cuda): the tile of x is
-        a stage of its own (zeros past N), read by the logits' product."""
+        a stage of its own (zeros past N), read by the logits' product; with
+        ``Graph.mma`` (and ``mma``: the kernel takes it) the tile holds the token's
+        bfloat16 pieces instead, and the product runs on tensor cores
+        (``_mma_logits``)."""
         K, D = self.dims["K"], self.dims["D"]
         x = self.tokens(op.x, D)
         a, b, c = self._mixture(op)
+        if self.mma and mma and self.tile:
+            return self._softmax(tag, *self._mma_logits(op, tag, a, b, c))
         d = te.reduce_axis((0, D), name="d")
         if self.tile:
             raw = self.input(op.x, self.token_shape(D), dtype=self.token_dtype)
@@ -359,21 +373,143 @@ class Graph:
         def logits(ix, k):
             return c[ix[1], k] + xab[(*ix, k)]
 
-        row_max = self.row_reduce(f"{tag}_max", te.max, logits, "max_k l  [N]")
+        return self._softmax(tag, logits)
+
+    def _softmax(self, tag: str, logits: Callable[..., Any], width: int = 0) -> Any:
+        """r = softmax_k(logits(ix, k)) [*token_lead, K], stable (the row max subtracted);
+        ``width`` > K: the max and the sum run over that many k, logits(ix, k) for
+        k >= K being the float32 minimum (nothing)."""
+        K = self.dims["K"]
+        row_max = self.row_reduce(f"{tag}_max", te.max, logits, "max_k l  [N]", width)
         row_sum = self.row_reduce(f"{tag}_sum", te.sum,
                                   lambda ix, k: te.exp(logits(ix, k) - row_max[ix]),
-                                  "sum_k exp(l - max)  [N]")
+                                  "sum_k exp(l - max)  [N]", width)
         return self.per_token(f"{tag}_r", (K,), lambda ix, k: te.exp(logits(ix, k) - row_max[ix])
                               / row_sum[ix], "exp(l - max) / sum  [N, K]", "map")
 
-    def row_reduce(self, name: str, reduce: Any, f: Callable[..., Any], note: str) -> Any:
-        """A per-token reduction over k (te.max or te.sum of f(ix, k)), role "rows".
+    def _coefficient_pieces(self, op: _ops.Responsibility, a: Any, b: Any,
+                            nx: int, nxx: int) -> Any:
+        """mma: the bfloat16 pieces of the coefficients, the B operand of the logits'
+        product: [H, (nx + nxx) * 3 * D16, K16], row block p * 3 + l holding piece l
+        of b for the tokens' x pieces (p < nx) and of a for their x*x pieces, rows
+        d >= D and columns k >= K zero.  Each float32 coefficient v = v0 + v1 + v2 to
+        ~2^-24 (v0 = bf16(v), v1 = bf16(v - v0), ...).  A block per token piece (a's
+        pieces repeated for each x*x piece) keeps the product's indices affine, as
+        the tensorized loads need; the table is read from global memory (L1 and L2
+        hits), so the copies cost no shared memory.  A kernel of its own at the start
+        of the call, shared by every responsibility of the mixture."""
+        key = ("pieces", op.mean, op.log_var, op.logit, op.covariance)
+        if key in self._cache:
+            return self._cache[key]
+        K, D = self.dims["K"], self.dims["D"]
+        D16, K16 = _pad(D, MMA), _pad(K, MMA)
+
+        def piece(h, row, k):
+            blk, d = tirx.indexdiv(row, D16), tirx.indexmod(row, D16)
+            p, level = tirx.indexdiv(blk, COEF_PIECES), tirx.indexmod(blk, COEF_PIECES)
+            dd, kk = tirx.min(d, D - 1), tirx.min(k, K - 1)
+            v = b[h, kk, dd]
+            if nxx:
+                v = tirx.Select(p < nx, v, a[h, kk, dd])
+            pieces = _split(v, COEF_PIECES)
+            out = pieces[-1]
+            for lv in range(COEF_PIECES - 2, -1, -1):
+                out = tirx.Select(level == lv, pieces[lv], out)
+            return tirx.if_then_else(tirx.all(d < D, k < K), out, tirx.const(0, BF16))
+        rows = (nx + nxx) * COEF_PIECES
+        t = te.compute((self.H, rows * D16, K16), piece, name=f"{op.mean}_pieces")
+        what = "b" + (" (x pieces), a (x*x pieces)" if nxx else "")
+        self.stage(t, "bh", f"bfloat16 pieces of {what}: [H, {rows} x {D16}, {K16}] "
+                   f"(3 per coefficient and token piece; zeros past D and K)")
+        self._cache[key] = t
+        return t
+
+    def _mma_logits(self, op: _ops.Responsibility, tag: str, a: Any, b: Any,
+                    c: Any) -> tuple[Callable[..., Any], int]:
+        """mma: the logits from exact bfloat16 pieces on tensor cores.  The token tile
+        holds NX pieces of x and (diag) NXX of x*x, [tile, (NX + NXX) * D16]
+        (X_PIECES, XX_PIECES: their sums are x and x*x exactly for 16-bit tokens);
+        the "mma" stage sums, for every token piece and every coefficient piece,
+        piece . piece over d: x b (NX x 3 products) + x^2 a (NXX x 3), float32
+        accumulation.  The pairs whose magnitudes multiply to below 2^-24 (~half
+        of them) are computed too: a rectangle of pairs is one reduction.  So the
+        logits are as exact as a float32 chain of FMAs (the SIMT path).  Spherical:
+        |x|^2 a_k from a float32 row sum (a [H, K] is not a product over d)."""
+        K, D = self.dims["K"], self.dims["D"]
+        D16, K16 = _pad(D, MMA), _pad(K, MMA)
+        cov = op.covariance
+        diag = cov == "diag"
+        nx, nxx = X_PIECES[self.token_dtype], XX_PIECES[self.token_dtype] if diag else 0
+        coef = self._coefficient_pieces(op, a, b, nx, nxx)
+        raw = self.input(op.x, self.token_shape(D), dtype=self.token_dtype)
+
+        def x_of(ix, d):
+            bi, h, n = ix[0], ix[1], self.n_of(ix)
+            dd = tirx.min(d, D - 1)
+            v = raw[bi, n, h, dd] if self.layout == "bnhd" else raw[bi, h, n, dd]
+            return v.astype(F32), tirx.all(n < self.N, d < D)
+
+        def load(ix, col):
+            blk, d = tirx.indexdiv(col, D16), tirx.indexmod(col, D16)
+            xv, keep = x_of(ix, d)
+            xs, xxs = _split(xv, nx), _split(xv * xv, nxx) if nxx else []
+            pieces = xs + xxs
+            out = pieces[-1]
+            for i in range(len(pieces) - 2, -1, -1):
+                out = tirx.Select(blk == i, pieces[i], out)
+            return tirx.if_then_else(keep, out, tirx.const(0, BF16))
+        xp = self.per_token(f"{tag}_xp", ((nx + nxx) * D16,), load,
+                            f"token pieces  [BLOCK_N, {nx} of x + {nxx} of x*x, x {D16}] "
+                            f"(bfloat16; zeros past N and D)", "map")
+        # (role "map", not "fill": the cuda schedule's 4-wide vectorized fill turned
+        # the select of the piece into a vector select nvcc refuses, TVM 0.27)
+        p = te.reduce_axis((0, nx + nxx), name="p")
+        lv = te.reduce_axis((0, COEF_PIECES), name="l")
+        d = te.reduce_axis((0, D16), name="d")
+
+        def term(ix, k):
+            # token piece p times piece lv of its coefficient (_coefficient_pieces)
+            return (xp[(*ix, p * D16 + d)].astype(F32)
+                    * coef[ix[1], (p * COEF_PIECES + lv) * D16 + d, k].astype(F32))
+        xab = self.per_token(f"{tag}_xab", (K16,), lambda ix, k: te.sum(term(ix, k),
+                             axis=[p, lv, d]),
+                             f"sum over pieces of x b + x^2 a  [N, {K16}] (the logits less c; "
+                             f"tensor cores)", "mma")
+        if K16 > K:
+            # the max and sum read every column of the product: TVM computes a stage
+            # at the tile loop for the region its readers need, and a tensorized tile
+            # writes all 16 columns (with K < K16 the region was K wide: a predicate
+            # the WMMA tile cannot take)
+            lowest = tirx.min_value(F32)
+
+            def padded(f):
+                return lambda ix, k: tirx.if_then_else(k < K, f(ix, k), lowest)
+        else:
+            def padded(f):
+                return f
+        if cov == "spherical":
+            dq = te.reduce_axis((0, D), name="d")
+            xsq = self.per_token(f"{tag}_xsq", (), lambda ix: te.sum(
+                tirx.if_then_else(self.n_of(ix) < self.N, x_of(ix, dq)[0] * x_of(ix, dq)[0],
+                                  tirx.const(0.0, F32)), axis=dq), "|x|^2  [N]", "rows")
+
+            def logits(ix, k):
+                return c[ix[1], k] + xab[(*ix, k)] + xsq[ix] * a[ix[1], k]
+        else:
+            def logits(ix, k):
+                return c[ix[1], k] + xab[(*ix, k)]
+        return padded(logits), K16
+
+    def row_reduce(self, name: str, reduce: Any, f: Callable[..., Any], note: str,
+                   extent: int = 0) -> Any:
+        """A per-token reduction over k < ``extent`` (default K): te.max or te.sum of
+        f(ix, k), role "rows".
 
         Tiled: in ROW_PARTS parts of a thread each, then over the parts, so that a
         tile's reduction takes tile * ROW_PARTS threads (the whole block at 64 tokens)
         and K / ROW_PARTS steps, not tile threads and K steps (one dependent chain of
         loads and exps per row: the longest stages of the read kernel)."""
-        K = self.dims["K"]
+        K = extent or self.dims["K"]
         parts = ROW_PARTS if self.tile and K >= 2 * ROW_PARTS else 1
         if parts == 1:
             k = te.reduce_axis((0, K), name="k")
@@ -392,12 +528,13 @@ class Graph:
         q = te.reduce_axis((0, parts), name="p")
         return self.per_token(name, (), lambda ix: reduce(part[(*ix, q)], axis=q), note, "rows")
 
-    def r_operand(self, kernel: Any, field_name: str, tag: str) -> Any:
+    def r_operand(self, kernel: Any, field_name: str, tag: str, mma: bool = True) -> Any:
         """The main op's responsibility operand as [*token_lead, K]: computed by the
-        fused responsibility op, or read from an input in the call's layout."""
+        fused responsibility op, or read from an input in the call's layout.
+        ``mma`` False: the kernel keeps float32 SIMT logits whatever ``Graph.mma``."""
         op = kernel.responsibility_of(field_name)
         if op is not None:
-            return self.responsibility(op, tag)
+            return self.responsibility(op, tag, mma)
         K = self.dims["K"]
         get = self.tokens(getattr(kernel.main, field_name), K)
 
@@ -416,6 +553,23 @@ class Graph:
         if mask is None:
             return lambda b, h, n, k: r[b, h, n, k]
         return lambda b, h, n, k: te.if_then_else(mask(b, n), r[b, h, n, k], 0.0)
+
+
+def _pad(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _split(value: Any, count: int) -> list:
+    """``count`` bfloat16 pieces of a float32 value, largest first: v0 = bf16(v),
+    v1 = bf16(v - v0), ...  The residues are exact in float32, so the pieces sum to v
+    up to the last piece's rounding (to 8 * count significant bits)."""
+    pieces, rest = [], value
+    for i in range(count):
+        piece = rest.astype(BF16)
+        pieces.append(piece)
+        if i + 1 < count:
+            rest = rest - piece.astype(F32)
+    return pieces
 
 
 def check_supported(kernel: Any, binding: Any) -> None:

@@ -34,6 +34,7 @@ Shared memory is "shared.dyn" (TVM's runtime raises the kernel's limit past 48 K
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -63,6 +64,10 @@ class _Sched:
         # aligned for it (``aligned``: their names)
         self.vector = bool(config.get("vector", 0))
         self.aligned: set = set()
+        # a kernel with an "mma" stage runs its threads as (threadIdx.x 32, threadIdx.y
+        # warps): the tensorized tiles are warp-wide calls, one warp per tile, so every
+        # other stage of the kernel binds both axes too (``bind_threads``)
+        self.warp = False
 
     # -- helpers -----------------------------------------------------------------------
     def own_loops(self, block: Any, lead: int) -> list:
@@ -74,15 +79,25 @@ class _Sched:
     def n_spatial(self, block: Any) -> int:
         return sum(1 for iv in self.sch.get(block).iter_vars if int(iv.iter_type) == 0)
 
+    def bind_threads(self, fused: Any) -> Any:
+        """Split ``fused`` over the block's threads (``warp``: threadIdx.y the warp,
+        threadIdx.x its lane); returns the innermost loop."""
+        sch = self.sch
+        if self.warp:
+            _, ty, tx = sch.split(fused, [None, self.threads // 32, 32])
+            sch.bind(ty, "threadIdx.y")
+        else:
+            _, tx = sch.split(fused, [None, self.threads])
+        sch.bind(tx, "threadIdx.x")
+        return tx
+
     def flat_threads(self, loops: list) -> Any:
         """Fuse ``loops`` and spread them over the block's threads."""
         sch = self.sch
         if not loops:
             return None
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        _, tx = sch.split(fused, [None, self.threads])
-        sch.bind(tx, "threadIdx.x")
-        return tx
+        return self.bind_threads(fused)
 
     def pad(self, block: Any, ndim: int, bits: int, aligned: bool = False) -> None:
         """Rows of a shared buffer an odd number of 32-bit words long (no bank conflicts
@@ -143,8 +158,11 @@ class _Sched:
         would need barriers under the threads' guards)."""
         sch = self.sch
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        _, tx = sch.split(fused, [None, threads])
-        sch.bind(tx, "threadIdx.x")
+        if self.warp:
+            tx = self.bind_threads(fused)
+        else:
+            _, tx = sch.split(fused, [None, threads])
+            sch.bind(tx, "threadIdx.x")
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
         sch.decompose_reduction(block, self.own_loops(block, lead)[-1])
@@ -181,6 +199,11 @@ class _Sched:
             self.transpose_operands(tiled)
             # every stage's rows 16-byte aligned: the products read them as vectors
             self.aligned |= {s.name for s in tiled}
+        for stage in tiled:
+            if stage.role == "mma":
+                # WMMA loads and stores: rows a multiple of 16 bytes, tiles 32-byte aligned
+                reads = {self._buffer(rg) for rg in sch.get(sch.get_sblock(stage.name)).reads}
+                self.aligned |= {stage.name} | {s.name for s in tiled if s.name in reads}
         for stage in reversed(tiled):
             block = sch.get_sblock(stage.name)
             # the scope first: compute_at relaxes a shared buffer's region over the
@@ -195,6 +218,8 @@ class _Sched:
             spatial = self.n_spatial(block) - 3
             if stage.role == "gemm":
                 self.gemm(block, loops, stage.cache)
+            elif stage.role == "mma":
+                self.mma(block, loops)
             elif stage.role == "rows":
                 self.rows(block, loops[:spatial], 3, self.threads)
             elif stage.role == "fill" and self.vector:
@@ -256,8 +281,7 @@ class _Sched:
         ro, ri = sch.split(r, [None, min(extent, RED_CHUNK)])
         sch.reorder(io, no, ro, ri, ii, ni)
         fused = sch.fuse(io, no)
-        _, tx = sch.split(fused, [None, self.threads])
-        sch.bind(tx, "threadIdx.x")
+        tx = self.bind_threads(fused)
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
         reduce_vars = self._reduce_vars(block)
@@ -288,6 +312,48 @@ class _Sched:
             sch.unroll(ri)
         sch.unroll(ii)
         sch.unroll(ni)
+
+    def mma(self, block: Any, loops: list) -> None:
+        """(i, k) spatial, (p, l, d) reduced, C[i, k] = sum A[i, (p, d)] B[(p, l, d), k]
+        (the logits from pieces: ``Graph._mma_logits``) on tensor cores: 16 x 16 tiles
+        of C, one warp each (threadIdx.y; several per warp in turn), accumulated in a
+        WMMA fragment over (p, l, d / 16), A's fragments from the kernel's shared tile,
+        B's from global memory, C stored to the stage's shared buffer."""
+        from . import wmma
+
+        wmma.require()
+        sch = self.sch
+        T = wmma.TILE
+        i, k, p, lv, d = loops[-5:]
+        i0, i1 = sch.split(i, [None, T])
+        k0, k1 = sch.split(k, [None, T])
+        d0, d1 = sch.split(d, [None, T])
+        sch.reorder(i0, k0, p, lv, d0, i1, k1, d1)
+        tile = sch.blockize(i1)
+        fused = sch.fuse(i0, k0)
+        tiles = int(sch.get(fused).extent)
+        # as many warps as divide the tiles: no predicate on a tensorized tile (with
+        # fewer tiles than warps, e.g. K <= 16, the other warps wait at the barrier)
+        warps = math.gcd(tiles, self.threads // 32)
+        turns, warp = sch.split(fused, [None, warps])
+        sch.reorder(warp, turns)
+        sch.bind(warp, "threadIdx.y")
+        reads = [str(rg).split("[", 1)[0] for rg in sch.get(tile).reads]
+        a_idx = next(n for n, name in enumerate(reads) if name.endswith(("_xp", "_xp_shared_dyn")))
+        b_idx = next(n for n, name in enumerate(reads) if name.endswith("_pieces"))
+        # this tile's own fragments (the scan's two responsibilities read one table)
+        frag_a = sch.cache_read(tile, a_idx, "wmma.matrix_a", consumer_blocks=[tile])
+        frag_b = sch.cache_read(tile, b_idx, "wmma.matrix_b", consumer_blocks=[tile])
+        sch.compute_at(frag_a, d0)
+        sch.compute_at(frag_b, d0)
+        acc = sch.cache_write(tile, 0, "wmma.accumulator")
+        sch.reverse_compute_at(acc, turns)
+        init = sch.decompose_reduction(tile, p)
+        sch.tensorize(sch.get_loops(frag_a)[-2], wmma.LOAD_A)
+        sch.tensorize(sch.get_loops(frag_b)[-2], wmma.LOAD_B)
+        sch.tensorize(tile, wmma.SYNC)
+        sch.tensorize(init, wmma.FILL)
+        sch.tensorize(sch.get_loops(acc)[-2], wmma.STORE)
 
     # -- anchors ---------------------------------------------------------------------------
     def token_output(self, name: str, loops_kind: str) -> Any:
@@ -395,6 +461,10 @@ def schedule_tiled(g: Graph, func: Any, config: Config) -> Any:
     for anchor in anchors:
         # each kernel its own thread count (segment_output takes one per accumulator tile)
         s.threads = int(config.get("num_threads", 256))
+        s.warp = any(st.role == "mma" and st.group == anchor.group for st in g.stages)
+        if s.warp and anchor.loops == "bhs":
+            raise ValueError("tvm backend: an mma stage in a segment kernel (its threads are "
+                             "one per accumulator tile, not whole warps)")
         if anchor.loops == "bhs":
             tile_loop = s.segment_output(anchor.name)
         else:

@@ -34,9 +34,12 @@ KNOBS = {
                   "float32, widened once as they are loaded (twice their shared memory; "
                   "where that is past the arch's limit per block the kernel is built with "
                   "0), 0 in the tokens' dtype, widened at every read by a product",
+    "mma": "cuda, 16-bit tokens: 1 computes the responsibilities' logits on tensor cores "
+           "(WMMA, bfloat16 pieces of the tokens and coefficients whose products sum to the "
+           "float32 logits) in the read, scan and responsibility kernels; 0 in float32 SIMT",
 }
 DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0, vector=0,
-                  wide_tiles=0)
+                  wide_tiles=0, mma=0)
 # cuda: tiles of 64 tokens over 256 threads (4 x 4 accumulators per thread of the
 # [64, K] logits and [64, Dv] products at K = Dv = 64); the scan's tile is its chunk,
 # so chunks of 64 as well (the [C, C] product then fills the 256 threads too).
@@ -75,9 +78,9 @@ def validate(config: Config, target: str = "llvm", kind: str = "") -> Config:
     for key in KNOBS:
         value = full[key]
         if (isinstance(value, bool) or not isinstance(value, int)
-                or value < (0 if key in ("min_blocks", "vector", "wide_tiles") else 1)
+                or value < (0 if key in ("min_blocks", "vector", "wide_tiles", "mma") else 1)
                 or (key == "num_threads" and value > 1024)
-                or (key in ("vector", "wide_tiles") and value > 1)
+                or (key in ("vector", "wide_tiles", "mma") and value > 1)
                 or (key == "min_blocks" and value > 32)):  # 32: the most blocks an SM holds
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")

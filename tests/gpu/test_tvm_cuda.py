@@ -171,6 +171,17 @@ def test_variant_wide_tiles(variant, dtype):
     test_variant(variant, dtype, {"vector": 1, "wide_tiles": 1})
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_name(*v, "") [:-1] for v in VARIANTS])
+def test_variant_mma(variant, dtype):
+    """Config knob mma=1 (the logits on tensor cores from bfloat16 pieces; K = 4 and
+    D = 16 here: one 16 x 16 tile of K per 16 tokens, K padded), with the cuda
+    defaults: in-process builds only."""
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("mma=1 is built in-process; here TVM runs exported libraries only")
+    test_variant(variant, dtype, {"vector": 1, "wide_tiles": 1, "mma": 1})
+
+
 def _check_shape(causal, norm, dtype, name, N, dims, seed, config=None):
     rng = np.random.default_rng(seed)
     tokens, mix, extra = _inputs(rng, "diag", dtype, True, False, N=N, **dims)
@@ -214,6 +225,27 @@ def test_bench_shape_wide_tiles(variant):
         pytest.skip("wide_tiles=1 is built in-process; here TVM runs exported libraries only")
     causal, norm = variant
     _check_shape(causal, norm, "bf16", "", BENCH_N, BENCH, 7, {"vector": 1, "wide_tiles": 1})
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("variant", BENCH_VARIANTS, ids=lambda v: str(v))
+def test_bench_shape_mma(variant, dtype):
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("mma=1 is built in-process; here TVM runs exported libraries only")
+    causal, norm = variant
+    _check_shape(causal, norm, dtype, "", BENCH_N, BENCH, 7,
+                 {"vector": 1, "wide_tiles": 1, "mma": 1})
+
+
+@pytest.mark.parametrize("variant", LARGE, ids=lambda v: str(v))
+def test_large_shape_mma(variant):
+    """mma=1 at the largest shapes: where the token pieces do not fit a block's shared
+    memory the kernel is built without them (a preference, like wide_tiles)."""
+    if not gmagen.available_backends()["tvm"]:
+        pytest.skip("mma=1 is built in-process; here TVM runs exported libraries only")
+    causal, norm, dims = variant
+    _check_shape(causal, norm, "bf16", "", LARGE_N, {"D": dims, "Dv": dims, "K": dims}, 11,
+                 {"vector": 1, "wide_tiles": 1, "mma": 1})
 
 
 @pytest.mark.parametrize("variant", LARGE, ids=lambda v: str(v))

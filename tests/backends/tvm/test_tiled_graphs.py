@@ -135,3 +135,24 @@ def test_tiled_scan_lengths(N, chunk, tiled, rng, gma_ref):
     gma_ref.assert_close(y, yr, TOL, "y")
     gma_ref.assert_close(S, Sr, TOL, "S")
     gma_ref.assert_close(n, nr, TOL, "n")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"),
+                                      ("row", "shared")])
+def test_tiled_mma_logits(norm, cov, causal, tiled, rng, gma_ref):
+    """mma=1: the logits from bfloat16 pieces of the tokens and coefficients
+    (prelude.Graph._mma_logits), here with float32 tokens (3 pieces each of x and
+    x*x) and TE's plain loops for the product that cuda runs on tensor cores: the
+    pieces, their pairing and the padding of D and K to 16 vs the oracle at the
+    float32 tolerance.  D = 8, K = 5: both padded."""
+    inputs = make_case(rng, gma_ref, SHAPE, cov, True)
+    program = gmagen.gma(causal, norm, cov)
+    config = dict(SCAN_CONFIG if causal else CONFIG, mma=1)
+    kern = gmagen.compile(program, backend="tvm", target="llvm", config=config)
+    assert "_xp" in kern.source and "_pieces" in kern.source
+    ref = gmagen.compile(program, "numpy")
+    y, (S, n) = run(kern, inputs)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")

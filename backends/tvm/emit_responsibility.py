@@ -12,9 +12,9 @@ from .prelude import Graph
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llvm",
          token_dtype: str = "float32", tile: int = 0, wide_tiles: bool = False,
-         mma: bool = False) -> Graph:
+         mma: int = 0) -> Graph:
     g = Graph("responsibility", layout, dims, target_kind, token_dtype, tile=tile,
-              wide_tiles=wide_tiles, mma=mma)
+              wide_tiles=wide_tiles, mma=bool(mma), mma_warps=mma or 8)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]

@@ -137,9 +137,9 @@ def state_prefix(part: Any, s0: Any, n0: Any, gpu: bool, Dv: int) -> tuple:
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          chunk: int, target_kind: str = "llvm", token_dtype: str = "float32",
-         tile: bool = False, wide_tiles: bool = False, mma: bool = False) -> Graph:
+         tile: bool = False, wide_tiles: bool = False, mma: int = 0) -> Graph:
     g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0,
-              wide_tiles=wide_tiles, mma=mma)
+              wide_tiles=wide_tiles, mma=bool(mma), mma_warps=mma or 8)
     if tile:
         return _emit_tiled(g, kernel, present)
     op = kernel.main

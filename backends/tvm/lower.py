@@ -50,6 +50,8 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
     # numerics on the CPU for any tokens, products in TE's plain loops)
     mma = bool(tile) and bool(config.get("mma", 0)) and (
         token_dtype != "float32" if target_kind == "cuda" else TILED_ON_CPU)
+    if mma:
+        mma = int(config.get("num_threads", 256)) // 32  # Graph.mma_warps
     if kernel.kind == "responsibility":
         return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile,
                                         wide_tiles=wide, mma=mma)

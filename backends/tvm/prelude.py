@@ -14,6 +14,7 @@ and the Kernel casts y to the token dtype); the mixture's logit coefficients
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -92,6 +93,7 @@ class Graph:
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
     wide_tiles: bool = False  # config knob wide_tiles: 16-bit token tiles staged as float32
     mma: bool = False        # config knob mma: the logits' product on tensor cores ("mma" stage)
+    mma_warps: int = 8       # mma: warps per block (num_threads / 32), one 16 x 16 tile each
     tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
                              # to a multiple of this (write: whole segments, ``tiles``)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
@@ -387,8 +389,19 @@ class Graph:
         return self.per_token(f"{tag}_r", (K,), lambda ix, k: te.exp(logits(ix, k) - row_max[ix])
                               / row_sum[ix], "exp(l - max) / sum  [N, K]", "map")
 
+    def mma_cols(self, rows: int, cols: int) -> int:
+        """mma: ``cols`` padded to whole 16 x 16 tiles, and further until the tiles of a
+        [rows, cols] product are a multiple of the block's warps: every warp takes the
+        same number of tiles, with no predicate (a tensorized tile cannot take one, and
+        a tile loop over fewer warps than the block's other stages bind is silently
+        wrong in TVM 0.27: it bound threadIdx.y to 4 in a block of 8 warps, unguarded).
+        K = 4 in tiles of 64 tokens: 32 columns (8 tiles for 8 warps)."""
+        tr = rows // MMA
+        step = self.mma_warps // math.gcd(tr, self.mma_warps)
+        return _pad(cols, MMA * step)
+
     def _coefficient_pieces(self, op: _ops.Responsibility, a: Any, b: Any,
-                            nx: int, nxx: int) -> Any:
+                            nx: int, nxx: int, K16: int) -> Any:
         """mma: the bfloat16 pieces of the coefficients, the B operand of the logits'
         product: [H, (nx + nxx) * 3 * D16, K16], row block p * 3 + l holding piece l
         of b for the tokens' x pieces (p < nx) and of a for their x*x pieces, rows
@@ -398,11 +411,11 @@ class Graph:
         the tensorized loads need; the table is read from global memory (L1 and L2
         hits), so the copies cost no shared memory.  A kernel of its own at the start
         of the call, shared by every responsibility of the mixture."""
-        key = ("pieces", op.mean, op.log_var, op.logit, op.covariance)
+        key = ("pieces", op.mean, op.log_var, op.logit, op.covariance, K16)
         if key in self._cache:
             return self._cache[key]
         K, D = self.dims["K"], self.dims["D"]
-        D16, K16 = _pad(D, MMA), _pad(K, MMA)
+        D16 = _pad(D, MMA)
 
         def piece(h, row, k):
             blk, d = tirx.indexdiv(row, D16), tirx.indexmod(row, D16)
@@ -436,11 +449,11 @@ class Graph:
         logits are as exact as a float32 chain of FMAs (the SIMT path).  Spherical:
         |x|^2 a_k from a float32 row sum (a [H, K] is not a product over d)."""
         K, D = self.dims["K"], self.dims["D"]
-        D16, K16 = _pad(D, MMA), _pad(K, MMA)
+        D16, K16 = _pad(D, MMA), self.mma_cols(self.tile, K)
         cov = op.covariance
         diag = cov == "diag"
         nx, nxx = X_PIECES[self.token_dtype], XX_PIECES[self.token_dtype] if diag else 0
-        coef = self._coefficient_pieces(op, a, b, nx, nxx)
+        coef = self._coefficient_pieces(op, a, b, nx, nxx, K16)
         raw = self.input(op.x, self.token_shape(D), dtype=self.token_dtype)
 
         def x_of(ix, d):

@@ -34,7 +34,6 @@ Shared memory is "shared.dyn" (TVM's runtime raises the kernel's limit past 48 K
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -332,9 +331,10 @@ class _Sched:
         tile = sch.blockize(i1)
         fused = sch.fuse(i0, k0)
         tiles = int(sch.get(fused).extent)
-        # as many warps as divide the tiles: no predicate on a tensorized tile (with
-        # fewer tiles than warps, e.g. K <= 16, the other warps wait at the barrier)
-        warps = math.gcd(tiles, self.threads // 32)
+        warps = self.threads // 32
+        if tiles % warps:  # (Graph.mma_cols pads the columns for this)
+            raise ValueError(f"tvm backend: mma: {tiles} tiles of 16 x 16 over {warps} warps; "
+                             f"expected a multiple")
         turns, warp = sch.split(fused, [None, warps])
         sch.reorder(warp, turns)
         sch.bind(warp, "threadIdx.y")
@@ -348,12 +348,19 @@ class _Sched:
         sch.compute_at(frag_b, d0)
         acc = sch.cache_write(tile, 0, "wmma.accumulator")
         sch.reverse_compute_at(acc, turns)
+
         init = sch.decompose_reduction(tile, p)
         sch.tensorize(sch.get_loops(frag_a)[-2], wmma.LOAD_A)
         sch.tensorize(sch.get_loops(frag_b)[-2], wmma.LOAD_B)
         sch.tensorize(tile, wmma.SYNC)
         sch.tensorize(init, wmma.FILL)
+        store_name = sch.get(acc).name_hint
         sch.tensorize(sch.get_loops(acc)[-2], wmma.STORE)
+        # the stage's rows padded, on the block that writes them now (the tile's own
+        # annotation went with the blockize, the store's with the tensorize): rows of 64
+        # floats put every token of the max / sum stages on one bank
+        store = sch.get_sblock(store_name + "_o")
+        self.pad(store, len(sch.get(store).writes[0].region), 32, True)
 
     # -- anchors ---------------------------------------------------------------------------
     def token_output(self, name: str, loops_kind: str) -> Any:

@@ -84,7 +84,14 @@ def validate(config: Config, target: str = "llvm", kind: str = "") -> Config:
                 or (key == "min_blocks" and value > 32)):  # 32: the most blocks an SM holds
             raise OptionError(f"tvm backend: config knob {key}={value!r} is not allowed; "
                               f"expected {KNOBS[key]}; default {DEFAULTS[key]}")
+    if target == "cuda" and full["mma"] and full["num_threads"] % 32:
+        raise OptionError(f"tvm backend: config knob mma=1 needs num_threads a multiple of 32 "
+                          f"(one warp per tensor-core tile), got num_threads="
+                          f"{full['num_threads']}")
     tile = _CUDA_TILE_KNOB.get(kind) if target == "cuda" else None
+    if tile is not None and full["mma"] and full[tile] % 16:
+        raise OptionError(f"tvm backend: config knob mma=1 needs {tile} a multiple of 16 "
+                          f"(tokens in 16 x 16 tensor-core tiles), got {tile}={full[tile]}")
     if tile is not None and full[tile] < 2:
         raise OptionError(f"tvm backend: config knob {tile}={full[tile]!r} is not allowed on "
                           f"cuda for the {kind} plan; expected at least 2 (tokens per tile); "

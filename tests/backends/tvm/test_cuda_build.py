@@ -512,3 +512,81 @@ def test_wide_tiles_yield_where_shared_memory_runs_out(tmp_path):
         manifest = json.loads((path / MANIFEST).read_text())
         (configs,) = [sp["config"] for sp in manifest["specializations"]]
         assert {plan: c["wide_tiles"] for plan, c in configs.items()} == wide, (dims, configs)
+
+
+MMA = Config(vector=1, wide_tiles=1, mma=1)
+WMMA_PRODUCT = re.compile(r"nvcuda::wmma::mma_sync\(")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mma_logits_on_tensor_cores(causal, dtype):
+    """Config knob mma=1 at the benchmark shape: the read kernel's and the scan's y
+    kernel's logits are WMMA products of bfloat16 fragments (one per responsibility:
+    the scan's queries and keys), loaded from the kernel's shared token pieces and
+    the global coefficient pieces; the write kernel (and the scan's chunk partials)
+    keep float32 SIMT logits.  nvcc compiles every kernel for sm_80 and sm_90."""
+    dims = {"D": 64, "Dv": 64, "K": 64}
+    present = frozenset({"key_mask"})
+    for kp in plan_program(gmagen.gma(causal)).kernels:
+        src = cuda_source(kp, "bnhd", dims, present, MMA, "sm_90", dtype)
+        want = {"write": 0, "read": 1, "scan": 2}[kp.kind]
+        assert len(WMMA_PRODUCT.findall(src)) == want, kp.name
+        if want:
+            assert "fragment<nvcuda::wmma::matrix_a, 16, 16, 16, nv_bfloat16" in src, kp.name
+            assert "fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>" in src, kp.name
+            # the x*x pieces pair with a's pieces: (1 + 2) token pieces for bf16, (2 + 3)
+            # for f16, each with 3 coefficient pieces, 64 / 16 steps of d each
+            pieces = 3 if dtype == "bfloat16" else 5
+            assert f"mean_pieces" in src and "load_matrix_sync" in src
+            assert re.search(rf"for \(int \w+ = 0; \w+ < {pieces}; \+\+\w+\)", src), kp.name
+        for arch in ("sm_80", "sm_90"):
+            assert cubin.compile_cubin(cuda_source(kp, "bnhd", dims, present, MMA, arch, dtype),
+                                       arch)[:4] == b"\x7fELF", (kp.name, arch)
+
+
+@pytest.mark.parametrize("cov", ["diag", "spherical", "shared"])
+@pytest.mark.parametrize("dims", [{"D": 16, "Dv": 8, "K": 4}, {"D": 33, "Dv": 17, "K": 7},
+                                  {"D": 5, "Dv": 3, "K": 1}, {"D": 64, "Dv": 32, "K": 48}],
+                         ids=["K4", "odd", "K1", "K48"])
+def test_mma_builds_padded_shapes(cov, dims):
+    """D and K padded to the 16 x 16 tiles (zeros in the pieces; the padded k are
+    -inf logits), fewer tiles than warps (K <= 16), every covariance, both programs,
+    through nvcc."""
+    for causal in (False, True):
+        for kp in plan_program(gmagen.gma(causal, "slot", cov)).kernels:
+            src = cuda_source(kp, "bnhd", dims, frozenset({"key_mask"}), MMA, "sm_90",
+                              "bfloat16")
+            if kp.kind != "write":
+                assert WMMA_PRODUCT.search(src), (kp.name, dims)
+            assert cubin.compile_cubin(src, "sm_90")[:4] == b"\x7fELF", (kp.name, dims)
+
+
+def test_mma_is_a_no_op_for_float32_tokens():
+    """float32 tokens keep the SIMT logits (the 1e-4 contract; 16-bit tokens only)."""
+    for kp in plan_program(gmagen.gma(False)).kernels:
+        assert (cuda_source(kp, "bnhd", DIMS, frozenset(), Config(mma=1), "sm_90")
+                == cuda_source(kp, "bnhd", DIMS, frozenset(), Config(mma=0), "sm_90")), kp.name
+
+
+@pytest.mark.parametrize("config,match", [({"mma": 2}, r"mma=2.*tensor cores"),
+                                          ({"mma": 1, "num_threads": 48},
+                                           r"mma=1 needs num_threads a multiple of 32.*48")])
+def test_mma_knob_is_validated(config, match):
+    with pytest.raises(OptionError, match=match):
+        gmagen.compile(gmagen.gma(False), backend="tvm", target=SM90, config=config).source
+
+
+def test_mma_refuses_a_tvm_ffi_whose_tensorize_crashes(monkeypatch):
+    """apache-tvm-ffi 0.1.15 segfaults in every sch.tensorize: refused with a message
+    naming the version that works, before any schedule is touched."""
+    import tvm_ffi
+
+    from gmagen.backends.tvm import wmma
+    from gmagen.errors import BackendUnavailable
+
+    monkeypatch.setattr(wmma, "_done", False)
+    monkeypatch.setattr(tvm_ffi, "__version__", "0.1.15.post2")
+    with pytest.raises(BackendUnavailable, match=r"apache-tvm-ffi 0.1.14.post1, found "
+                                                 r"0.1.15.post2"):
+        wmma.require()

@@ -277,7 +277,7 @@ def test_source_names_plan_config_and_schedule():
                           config={"chunk": 16, "block_n": 8})
     src = kern.source  # before any call: an example specialization, built
     assert src.startswith("# gmagen tvm backend: gma_scan")
-    assert "Config(block_n=8, chunk=16, min_blocks=0, num_threads=128, vector=0, wide_tiles=0, write_tiles=64)" in src
+    assert "Config(block_n=8, chunk=16, min_blocks=0, mma=0, num_threads=128, vector=0, wide_tiles=0, write_tiles=64)" in src
     assert 'causal_scan(' in src and 'norm="slot"' in src
     assert "sch.split(" in src and "sch.parallel(" in src   # the schedule trace
     assert "T.prim_func" in src and "T.parallel" in src     # the scheduled TensorIR

@@ -95,8 +95,7 @@ def build(key: tuple, make: Callable[[], tuple[Any, str, Step, Callable]], targe
         shared = _shared_memory_instrument() if target["kind"] == "cuda" else None
         try:
             with _nvcc_callback(arch), tvm.transform.PassContext(
-                    instruments=[shared] if shared is not None else [],
-                    config=pipeline.pass_config(mod) if target["kind"] == "cuda" else {}):
+                    instruments=[shared] if shared is not None else []):
                 lib = tvm.compile(mod, target=tvm.target.Target(target),
                                   **({"tir_pipeline": pipeline.register()}
                                      if target["kind"] == "cuda" else {}))

@@ -78,8 +78,6 @@ def scheduled_module(kernel: KernelPlan, layout: str, dims: dict[str, int],
     func = te.create_prim_func(graph.params()).with_attr("global_symbol", FUNC_NAME)
     if target_kind == "cuda" and int(config.get("min_blocks", 0)) > 0:
         func = func.with_attr(pipeline.MIN_BLOCKS_ATTR, int(config["min_blocks"]))
-    if target_kind == "cuda" and graph.mma:
-        func = func.with_attr(pipeline.MMA_ATTR, 1)
     sch = schedule(graph, func, config, target_kind)
     return graph, tvm.IRModule({FUNC_NAME: sch.mod["main"]}), str(sch.trace)
 
@@ -93,9 +91,8 @@ def cuda_source(kernel: KernelPlan, layout: str, dims: dict[str, int], present: 
     _, mod, _ = scheduled_module(kernel, layout, dims, present,
                                  space.validate(config, "cuda", kernel.kind), "cuda",
                                  token_dtype)
-    with tvm.transform.PassContext(config=pipeline.pass_config(mod)):
-        lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)),
-                          tir_pipeline=pipeline.register())
+    lib = tvm.compile(mod, target=tvm.target.Target(target_dict("cuda", arch)),
+                      tir_pipeline=pipeline.register())
     return lib_cuda_source(lib)
 
 

@@ -18,18 +18,6 @@ from typing import Any
 
 NAME = "gmagen_cuda"
 MIN_BLOCKS_ATTR = "gmagen.min_blocks_per_sm"
-# a function with tensorized (WMMA) stages: built without TVM's StorageRewrite.  With
-# one 16 x 16 tile per warp, that pass let the float32 accumulator tile reuse the
-# bfloat16 token pieces' shared buffer (dead after the product) and then failed in
-# LowerIntrin: "tvm_access_ptr element type must match the source buffer" (TVM 0.27).
-# Shared memory is still merged and reused by MergeSharedMemoryAllocations.
-MMA_ATTR = "gmagen.mma"
-
-
-def pass_config(mod: Any) -> dict:
-    """The PassContext config of building ``mod`` (see MMA_ATTR)."""
-    mma = any(_attr(f, MMA_ATTR) for f in mod.functions.values())
-    return {"tirx.disable_storage_rewrite": True} if mma else {}
 _TVM_ATTR = "tirx.launch_bounds_min_blocks_per_sm"
 
 

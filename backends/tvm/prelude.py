@@ -391,14 +391,20 @@ class Graph:
 
     def mma_cols(self, rows: int, cols: int) -> int:
         """mma: ``cols`` padded to whole 16 x 16 tiles, and further until the tiles of a
-        [rows, cols] product are a multiple of the block's warps: every warp takes the
-        same number of tiles, with no predicate (a tensorized tile cannot take one, and
-        a tile loop over fewer warps than the block's other stages bind is silently
-        wrong in TVM 0.27: it bound threadIdx.y to 4 in a block of 8 warps, unguarded).
-        K = 4 in tiles of 64 tokens: 32 columns (8 tiles for 8 warps)."""
+        [rows, cols] product are a multiple of twice the block's warps: every warp takes
+        the same number of tiles (>= 2), with no predicate.  Why (TVM 0.27):
+        - a tensorized tile cannot take a predicate, and a tile loop over fewer warps
+          than the block's other stages bind was silently wrong (threadIdx.y bound to 4
+          in a block of 8 warps, unguarded);
+        - with one tile per warp the loop over a warp's tiles is gone, and StorageRewrite
+          gave the float32 accumulator tile the bfloat16 token pieces' buffer (dead by
+          then), failing in LowerIntrin ("tvm_access_ptr element type must match").
+          Disabling that pass instead let MergeSharedMemoryAllocations put the
+          responsibilities over the logits they are computed from: a race.
+        K = 4 in tiles of 64 tokens: 64 columns (16 tiles for 8 warps)."""
         tr = rows // MMA
-        step = self.mma_warps // math.gcd(tr, self.mma_warps)
-        return _pad(cols, MMA * step)
+        per = 2 * self.mma_warps
+        return _pad(cols, MMA * (per // math.gcd(tr, per)))
 
     def _coefficient_pieces(self, op: _ops.Responsibility, a: Any, b: Any,
                             nx: int, nxx: int, K16: int) -> Any:

@@ -44,6 +44,14 @@ from gmagen.config import Config
 from .prelude import ACC_TILE, Graph
 
 SMEM = "shared.dyn"
+# the token pieces of "mma" stages: static shared memory, apart from every other tile.
+# TVM 0.27's StorageRewrite reuses a dead buffer of one dtype for a new one of another
+# within a scope, and then the WMMA loads and stores (tvm_access_ptr of the old dtype)
+# fail in LowerIntrin; in a scope of their own, bfloat16 pieces share only with
+# bfloat16 pieces (the scan's queries and keys), and the float32 accumulator tiles
+# (shared.dyn) with the other float32 tiles.  (Turning StorageRewrite off instead let
+# MergeSharedMemoryAllocations place r over the logits it is computed from: a race.)
+PIECES_SMEM = "shared"
 TM = TN = ACC_TILE     # accumulator tile per thread of a "gemm" stage (tokens x outputs)
 RED_CHUNK = 32         # reduction elements per staging of the coefficient tables
 MIX_THREADS = 128
@@ -198,16 +206,18 @@ class _Sched:
             self.transpose_operands(tiled)
             # every stage's rows 16-byte aligned: the products read them as vectors
             self.aligned |= {s.name for s in tiled}
+        pieces: set = set()  # the A operands of "mma" stages (bfloat16 token pieces)
         for stage in tiled:
             if stage.role == "mma":
                 # WMMA loads and stores: rows a multiple of 16 bytes, tiles 32-byte aligned
                 reads = {self._buffer(rg) for rg in sch.get(sch.get_sblock(stage.name)).reads}
-                self.aligned |= {stage.name} | {s.name for s in tiled if s.name in reads}
+                pieces |= {s.name for s in tiled if s.name in reads}
+                self.aligned |= {stage.name} | pieces
         for stage in reversed(tiled):
             block = sch.get_sblock(stage.name)
             # the scope first: compute_at relaxes a shared buffer's region over the
             # threads (the whole tile for every thread of the block)
-            sch.set_scope(block, 0, SMEM)
+            sch.set_scope(block, 0, PIECES_SMEM if stage.name in pieces else SMEM)
             sch.compute_at(block, tile_loop, preserve_unit_loops=True)
             if stage.role != "rows":
                 self.pad(block, stage.ndim, stage.bits, stage.name in self.aligned)
@@ -339,7 +349,7 @@ class _Sched:
         sch.reorder(warp, turns)
         sch.bind(warp, "threadIdx.y")
         reads = [str(rg).split("[", 1)[0] for rg in sch.get(tile).reads]
-        a_idx = next(n for n, name in enumerate(reads) if name.endswith(("_xp", "_xp_shared_dyn")))
+        a_idx = next(n for n, name in enumerate(reads) if name.endswith(("_xp", "_xp_shared")))
         b_idx = next(n for n, name in enumerate(reads) if name.endswith("_pieces"))
         # this tile's own fragments (the scan's two responsibilities read one table)
         frag_a = sch.cache_read(tile, a_idx, "wmma.matrix_a", consumer_blocks=[tile])

@@ -6,7 +6,8 @@ TVM 0.27 registers its WMMA intrinsics for float16 only, but its generators
 the codegen then emits ``nvcuda::wmma::fragment<..., nv_bfloat16, ...>``.  What
 is registered here, once per process:
 
-  A  the token pieces [16, 16] from shared memory ("shared.dyn"), row-major
+  A  the token pieces [16, 16] from static shared memory ("shared": see
+     schedule_cuda.PIECES_SMEM), row-major
   B  the coefficient pieces [16, 16] straight from global memory (a small table
      every block of a head reads: L1/L2 hits, no shared copy and no barrier)
   the product, the accumulator's fill with 0 and its store to shared memory.
@@ -24,7 +25,7 @@ from __future__ import annotations
 from gmagen.errors import BackendUnavailable
 
 TILE = 16
-LOAD_A = "gmagen_wmma_load_a_bf16_shared_dyn"
+LOAD_A = "gmagen_wmma_load_a_bf16_shared"
 LOAD_B = "gmagen_wmma_load_b_bf16_global"
 SYNC = "gmagen_wmma_sync_bf16_f32"
 FILL = "gmagen_wmma_fill_f32"
@@ -50,7 +51,7 @@ def require() -> None:
 
     bf16, f32 = "bfloat16", "float32"
     pairs = {
-        LOAD_A: intrin.get_wmma_load_intrin(TILE, TILE, TILE, bf16, "shared.dyn", False, False),
+        LOAD_A: intrin.get_wmma_load_intrin(TILE, TILE, TILE, bf16, "shared", False, False),
         LOAD_B: intrin.get_wmma_load_intrin(TILE, TILE, TILE, bf16, "global", True, False),
         SYNC: intrin.get_wmma_sync_intrin(TILE, TILE, TILE, bf16, f32, False),
         FILL: intrin.get_wmma_fill_intrin(TILE, TILE, TILE, f32),

@@ -36,6 +36,7 @@ BF16 = "bfloat16"
 X_PIECES = {"bfloat16": 1, "float16": 2, "float32": 3}
 XX_PIECES = {"bfloat16": 2, "float16": 3, "float32": 3}
 COEF_PIECES = 3
+STATIC_SHARED = 48 * 1024  # static shared memory per block (the token pieces' scope)
 
 
 @dataclass
@@ -338,7 +339,7 @@ class Graph:
         K, D = self.dims["K"], self.dims["D"]
         x = self.tokens(op.x, D)
         a, b, c = self._mixture(op)
-        if self.mma and mma and self.tile:
+        if self.mma and mma and self.tile and self._pieces_fit(op):
             return self._softmax(tag, *self._mma_logits(op, tag, a, b, c))
         d = te.reduce_axis((0, D), name="d")
         if self.tile:
@@ -405,6 +406,20 @@ class Graph:
         tr = rows // MMA
         per = 2 * self.mma_warps
         return _pad(cols, MMA * (per // math.gcd(tr, per)))
+
+    def _pieces_fit(self, op: _ops.Responsibility) -> bool:
+        """mma: whether the tile of token pieces fits static shared memory (48 KiB per
+        block: schedule_cuda.PIECES_SMEM; rows padded by 8 elements).  Where it does
+        not (D = 256: 99 KB), the kernel keeps float32 SIMT logits, like mma=0."""
+        D16 = _pad(self.dims["D"], MMA)
+        pieces = X_PIECES[self.token_dtype] + (
+            XX_PIECES[self.token_dtype] if op.covariance == "diag" else 0)
+        size = self.tile * (pieces * D16 + 8) * 2
+        if size > STATIC_SHARED:
+            self.notes.append(f"mma: {size:,} bytes of token pieces exceed {STATIC_SHARED:,} "
+                              f"of static shared memory: float32 SIMT logits")
+            return False
+        return True
 
     def _coefficient_pieces(self, op: _ops.Responsibility, a: Any, b: Any,
                             nx: int, nxx: int, K16: int) -> Any:

@@ -165,7 +165,7 @@ class _Sched:
         would need barriers under the threads' guards)."""
         sch = self.sch
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        if self.warp:
+        if self.warp and threads == self.threads:
             tx = self.bind_threads(fused)
         else:
             _, tx = sch.split(fused, [None, threads])
@@ -487,6 +487,10 @@ def schedule_tiled(g: Graph, func: Any, config: Config) -> Any:
         else:
             tile_loop = s.token_output(anchor.name, anchor.loops)
         s.tile_stages(tile_loop, anchor.group)
+    # the small kernels (the mixture's tables, the pieces, the sums of segments) bind
+    # threadIdx.x alone, MIX_THREADS wide: not the last tiled kernel's warps (their
+    # reductions took threadIdx.y and broke the mixture's sums over k)
+    s.warp = False
     s.mixture()
     for stage in g.stages:
         if stage.loops == "bh":

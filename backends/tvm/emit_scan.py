@@ -274,10 +274,15 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     # what each chunk writes (the keys' responsibilities are computed again in the
     # y kernel: recomputing [C, K] costs less than a global [B, H, N, K] buffer)
     g.group = "part"
-    rk_part = g.r_operand(kernel, "rk", "kp", mma=False)  # (emit_write: why)
-    # [v, 1] rounded up to whole accumulator tiles (emit_write._emit_tiled: why)
+    # [v, 1] rounded up to whole accumulator tiles (emit_write._emit_tiled: why; and mma)
     W = -(-(Dv + 1) // ACC_TILE) * ACC_TILE
-    vx_part = value_tile(g, op.v, mask, "v_part", W)
+    layout = g.segment_layout(Dv + 1) if g.mma else None
+    if layout is not None:
+        g.seg_cols["S_chunk"], W_part = layout
+    else:
+        W_part = W
+    rk_part = g.r_operand(kernel, "rk", "kp", mma=layout is not None)
+    vx_part = value_tile(g, op.v, mask, "v_part", W_part)
     part = segment_partials(g, rk_part, vx_part, 1, "S_chunk")
     ps, s_end, n_end = state_prefix(part, s0, n0, g.target_kind != "llvm", Dv)
     g.notes.append("S_in: " + ("S0 + " if s0 is not None else "")

@@ -57,7 +57,7 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
                                         wide_tiles=wide, mma=mma)
     if kernel.kind == "write":
         return emit_write.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
-                               int(config["write_tiles"]), wide_tiles=wide)
+                               int(config["write_tiles"]), wide_tiles=wide, mma=mma)
     if kernel.kind == "read":
         return emit_read.emit(kernel, layout, dims, present, target_kind, token_dtype, tile,
                               wide_tiles=wide, mma=mma)

@@ -95,6 +95,8 @@ class Graph:
     wide_tiles: bool = False  # config knob wide_tiles: 16-bit token tiles staged as float32
     mma: bool = False        # config knob mma: the logits' product on tensor cores ("mma" stage)
     mma_warps: int = 8       # mma: warps per block (num_threads / 32), one 16 x 16 tile each
+    seg_cols: dict = field(default_factory=dict)  # segment anchor -> accumulator columns
+                             # per thread (TN) where not ACC_TILE (``segment_layout``)
     tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
                              # to a multiple of this (write: whole segments, ``tiles``)
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
@@ -406,6 +408,23 @@ class Graph:
         tr = rows // MMA
         per = 2 * self.mma_warps
         return _pad(cols, MMA * (per // math.gcd(tr, per)))
+
+    def segment_layout(self, width: int) -> Optional[tuple[int, int]]:
+        """mma, in a kernel of segment partials [K, width] (one thread per ACC_TILE x TN
+        accumulators: ``schedule_cuda._Sched.segment_output``): (TN, columns) such that
+        the threads are exactly the block's warps, so that the kernel can run the
+        logits' tensor-core tiles too; None where that would cost more than it saves
+        (over 8 accumulator columns per thread: registers; or over 1.5x the columns)."""
+        K = self.dims["K"]
+        threads = 32 * self.mma_warps
+        k_tiles = -(-K // ACC_TILE)
+        if threads % k_tiles:
+            return None
+        e_tiles = threads // k_tiles
+        tn = -(-width // e_tiles)
+        if tn > 8 or 2 * e_tiles * tn > 3 * width:
+            return None
+        return tn, e_tiles * tn
 
     def _pieces_fit(self, op: _ops.Responsibility) -> bool:
         """mma: whether the tile of token pieces fits static shared memory (48 KiB per

@@ -135,8 +135,10 @@ class _Sched:
                 sch.compute_at(local, loop)
                 loops = sch.get_loops(local)
                 own = loops[[sch.get(x) for x in loops].index(sch.get(loop)) + 1:]
-                if not own or int(sch.get(own[-1]).extent) < 2:
-                    continue  # nothing to vectorize: the copy stays a scalar one
+                if not own or int(sch.get(own[-1]).extent) not in (2, 4):
+                    # nothing to vectorize (or TN = 5 under mma: no such vector): the copy
+                    # stays a scalar one
+                    continue
                 try:
                     sch.vectorize(own[-1])
                 except s_tir.ScheduleError:
@@ -419,8 +421,11 @@ class _Sched:
         b, h, s, k, e, jt, ji = sch.get_loops(block)
         sch.bind(h, "blockIdx.y")  # b with the k splits on blockIdx.z (token_output: why)
         sch.bind(s, "blockIdx.x")
+        # (mma: TN columns per thread such that the threads are the block's warps,
+        # Graph.segment_layout)
+        tn = self.g.seg_cols.get(name, TN)
         ko, ki = sch.split(k, [None, TM])
-        eo, ei = sch.split(e, [None, TN])
+        eo, ei = sch.split(e, [None, tn])
         sch.reorder(ko, eo, jt, ji, ki, ei)
         k_tiles, e_tiles = int(sch.get(ko).extent), int(sch.get(eo).extent)
         # one thread per accumulator tile.  Not rounded up to a warp: with fewer tiles
@@ -437,8 +442,14 @@ class _Sched:
         sch.reorder(b, kz, h, s, kin, eo)
         # (b, kz): a division by the constant extent of kz only
         sch.bind(sch.fuse(b, kz), "blockIdx.z")
-        self.threads = per_block * e_tiles
         tx = sch.fuse(kin, eo)
+        if self.warp:
+            if per_block * e_tiles != self.threads:
+                raise ValueError(f"tvm backend: mma: {per_block} x {e_tiles} accumulator tiles "
+                                 f"of {name} for {self.threads} threads")
+            ty, tx = sch.split(tx, [self.threads // 32, 32])
+            sch.bind(ty, "threadIdx.y")
+        self.threads = per_block * e_tiles
         sch.bind(tx, "threadIdx.x")
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, tx)
@@ -479,9 +490,6 @@ def schedule_tiled(g: Graph, func: Any, config: Config) -> Any:
         # each kernel its own thread count (segment_output takes one per accumulator tile)
         s.threads = int(config.get("num_threads", 256))
         s.warp = any(st.role == "mma" and st.group == anchor.group for st in g.stages)
-        if s.warp and anchor.loops == "bhs":
-            raise ValueError("tvm backend: an mma stage in a segment kernel (its threads are "
-                             "one per accumulator tile, not whole warps)")
         if anchor.loops == "bhs":
             tile_loop = s.segment_output(anchor.name)
         else:

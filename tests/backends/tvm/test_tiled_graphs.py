@@ -156,3 +156,23 @@ def test_tiled_mma_logits(norm, cov, causal, tiled, rng, gma_ref):
     yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
     gma_ref.assert_close(y, yr, TOL, "y")
     gma_ref.assert_close(S, Sr, TOL, "S")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_tiled_mma_segment_layout(causal, tiled, rng, gma_ref):
+    """mma=1 with the segment kernels' accumulator tiles reshaped for whole warps
+    (Graph.segment_layout): K = 64 over 128 threads takes 16 x 8 tiles of 4 x 2, so
+    the [v, 1] tile is 16 columns wide (Dv + 1 = 16) and the write kernel's (and the
+    scan's chunk partials') logits come from the pieces too."""
+    shape = (2, 70, 3, 8, 15, 64)
+    inputs = make_case(rng, gma_ref, shape, "diag", True)
+    program = gmagen.gma(causal, "row", "diag")
+    config = dict(SCAN_CONFIG if causal else CONFIG, mma=1, num_threads=128)
+    kern = gmagen.compile(program, backend="tvm", target="llvm", config=config)
+    ref = gmagen.compile(program, "numpy")
+    y, (S, n) = run(kern, inputs)
+    assert ("kp_xp" if causal else "k_xp") in kern.source  # (the call's specialization)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")

@@ -20,6 +20,7 @@ WRITE_TILES = (2, 4, 8, 16, 32)  # tiles per segment of the write plan's reducti
 MIN_BLOCKS = (0, 1, 2, 3, 4)      # __launch_bounds__ blocks per SM; 0: nvcc's choice
 VECTOR = (0, 1)                   # scalar or vector operand loads of the products
 WIDE_TILES = (0, 1)               # 16-bit token tiles staged as they are or as float32
+MMA = (0, 1)                      # the logits in float32 SIMT or on tensor cores (pieces)
 
 
 def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
@@ -27,7 +28,8 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
     """The cuda knobs of ``kind`` around ``default`` (space.CUDA_DEFAULTS): its tile
     (``chunk`` for the scan, ``block_n`` for the others: the knob the schedule reads),
     ``num_threads``, ``min_blocks``, ``vector``, the write's ``write_tiles``, and for 16-bit
-    tokens ``wide_tiles`` (a no-op on float32 tokens).  Pruned before
+    tokens ``wide_tiles`` and ``mma`` (no-ops on float32 tokens; mma=1 with a tile not a
+    multiple of 16 or threads not a multiple of 32 is refused by validate).  Pruned before
     anything is built: threads per block within the device's limit, and a config
     space.validate refuses.  Shared memory is TVM's to lay out (its merged dynamic
     allocation is known only after lowering): a candidate past the device's limit
@@ -41,6 +43,7 @@ def tuning_space(kind: str, default: Config, D: int, Dv: int, K: int,
         values["write_tiles"] = WRITE_TILES
     if dtype != "f32":
         values["wide_tiles"] = WIDE_TILES
+        values["mma"] = MMA
     knobs = {}
     for name, allowed in values.items():
         have = tuple(allowed) if default[name] in allowed else tuple(sorted((*allowed, default[name])))

@@ -30,6 +30,17 @@ def test_every_pruned_config_validates(kind):
     assert ("block_n" if kind == "scan" else "chunk") not in pruned.space.knobs
 
 
+def test_mma_is_searched_for_16_bit_tokens_only():
+    """mma (and wide_tiles) are no-ops on float32 tokens; with 16-bit tokens mma=1
+    appears only with tiles of a multiple of 16 tokens (the 16 x 16 tensor-core tiles)."""
+    default = space.default_config("read", "cuda")
+    assert "mma" not in tune.tuning_space("read", default, 64, 64, 64, "f32").knobs
+    pruned = tune.tuning_space("read", default, 64, 64, 64, "bf16").prune(H100)
+    with_mma = [c for c in pruned if c["mma"] == 1]
+    assert with_mma and all(c["block_n"] % 16 == 0 for c in with_mma)
+    assert any(c["mma"] == 0 for c in pruned)
+
+
 def test_threads_pruned_by_the_device():
     default = space.default_config("read", "cuda")
     small = DeviceLimits.fake(max_threads_per_block=128)

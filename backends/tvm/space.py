@@ -36,7 +36,9 @@ KNOBS = {
                   "0), 0 in the tokens' dtype, widened at every read by a product",
     "mma": "cuda, 16-bit tokens: 1 computes the responsibilities' logits on tensor cores "
            "(WMMA, bfloat16 pieces of the tokens and coefficients whose products sum to the "
-           "float32 logits) in the read, scan and responsibility kernels; 0 in float32 SIMT",
+           "float32 logits; where the pieces fit 48 KiB of static shared memory, and in the "
+           "write kernels where its accumulators fit whole warps), 0 in float32 SIMT; "
+           "experimental, not yet checked on a GPU",
 }
 DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blocks=0, vector=0,
                   wide_tiles=0, mma=0)
@@ -49,6 +51,10 @@ DEFAULTS = Config(block_n=32, chunk=32, num_threads=128, write_tiles=64, min_blo
 # one or two; 4 spills).  See the README's TVM section for the measurements.
 # vector 1, wide_tiles 1 (H100 at 3c2b26c, N = 65536, bf16: bidirectional 12.66 ms with
 # neither, 10.92 with vector, 10.08 with both; causal 37.39, 23.27, 21.49).
+# mma 0: the tensor-core logits (mma=1) build and compile for sm_80 / sm_90 and match the
+# oracle on the CPU (tests/backends/tvm), but the GPU has not yet passed them end to end
+# (the GPU runs of this session found three bugs, fixed since: see the README); the
+# default moves to 1 only with GPU tests and timings behind it.
 CUDA_DEFAULTS = DEFAULTS.replace(block_n=64, chunk=64, num_threads=256, write_tiles=8,
                                  min_blocks=3, vector=1, wide_tiles=1)
 

@@ -47,11 +47,11 @@ def _emit(kernel: KernelPlan, layout: str, dims: dict[str, int], present: frozen
     # the tiles are only staged (shared memory) on cuda
     wide = bool(tile) and target_kind == "cuda" and bool(config.get("wide_tiles", 0))
     # tensor cores for the logits: cuda with 16-bit tokens (TILED_ON_CPU: the graph's
-    # numerics on the CPU for any tokens, products in TE's plain loops)
-    mma = bool(tile) and bool(config.get("mma", 0)) and (
+    # numerics on the CPU for any tokens, products in TE's plain loops); the emitters
+    # take the block's warps (Graph.mma_warps), 0 for none
+    on = bool(tile) and bool(config.get("mma", 0)) and (
         token_dtype != "float32" if target_kind == "cuda" else TILED_ON_CPU)
-    if mma:
-        mma = int(config.get("num_threads", 256)) // 32  # Graph.mma_warps
+    mma = int(config["num_threads"]) // 32 if on else 0
     if kernel.kind == "responsibility":
         return emit_responsibility.emit(kernel, layout, dims, target_kind, token_dtype, tile,
                                         wide_tiles=wide, mma=mma)

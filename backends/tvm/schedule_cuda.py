@@ -360,7 +360,6 @@ class _Sched:
         sch.compute_at(frag_b, d0)
         acc = sch.cache_write(tile, 0, "wmma.accumulator")
         sch.reverse_compute_at(acc, turns)
-
         init = sch.decompose_reduction(tile, p)
         sch.tensorize(sch.get_loops(frag_a)[-2], wmma.LOAD_A)
         sch.tensorize(sch.get_loops(frag_b)[-2], wmma.LOAD_B)

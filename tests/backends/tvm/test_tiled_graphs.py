@@ -33,6 +33,16 @@ def tiled(monkeypatch):
     monkeypatch.setattr(lower, "TILED_ON_CPU", True)
 
 
+def check_against_oracle(kern, program, inputs, gma_ref):
+    """y and the final state (S, n) of ``kern`` vs the float64 oracle's."""
+    ref = gmagen.compile(program, "numpy")
+    y, (S, n) = run(kern, inputs)
+    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
+    gma_ref.assert_close(y, yr, TOL, "y")
+    gma_ref.assert_close(S, Sr, TOL, "S")
+    gma_ref.assert_close(n, nr, TOL, "n")
+
+
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("norm,cov", [("row", "diag"), ("slot", "spherical"),
@@ -76,12 +86,7 @@ def test_tiled_row_reductions_in_parts(K, causal, tiled, rng, gma_ref):
     kern = gmagen.compile(program, backend="tvm", target="llvm",
                           config=SCAN_CONFIG if causal else CONFIG)
     assert "_max_part" in kern.source and "_sum_part" in kern.source
-    ref = gmagen.compile(program, "numpy")
-    y, (S, n) = run(kern, inputs)
-    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
-    gma_ref.assert_close(y, yr, TOL, "y")
-    gma_ref.assert_close(S, Sr, TOL, "S")
-    gma_ref.assert_close(n, nr, TOL, "n")
+    check_against_oracle(kern, program, inputs, gma_ref)
 
 
 def test_tiled_responsibilities(tiled, rng, gma_ref):
@@ -150,12 +155,8 @@ def test_tiled_mma_logits(norm, cov, causal, tiled, rng, gma_ref):
     program = gmagen.gma(causal, norm, cov)
     config = dict(SCAN_CONFIG if causal else CONFIG, mma=1)
     kern = gmagen.compile(program, backend="tvm", target="llvm", config=config)
-    assert "_xp" in kern.source and "_pieces" in kern.source
-    ref = gmagen.compile(program, "numpy")
-    y, (S, n) = run(kern, inputs)
-    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
-    gma_ref.assert_close(y, yr, TOL, "y")
-    gma_ref.assert_close(S, Sr, TOL, "S")
+    check_against_oracle(kern, program, inputs, gma_ref)
+    assert "_xp" in kern.source and "_pieces" in kern.source  # (the call's specialization)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -169,10 +170,5 @@ def test_tiled_mma_segment_layout(causal, tiled, rng, gma_ref):
     program = gmagen.gma(causal, "row", "diag")
     config = dict(SCAN_CONFIG if causal else CONFIG, mma=1, num_threads=128)
     kern = gmagen.compile(program, backend="tvm", target="llvm", config=config)
-    ref = gmagen.compile(program, "numpy")
-    y, (S, n) = run(kern, inputs)
+    check_against_oracle(kern, program, inputs, gma_ref)
     assert ("kp_xp" if causal else "k_xp") in kern.source  # (the call's specialization)
-    yr, (Sr, nr) = run(ref, {k: f64(v) for k, v in inputs.items()})
-    gma_ref.assert_close(y, yr, TOL, "y")
-    gma_ref.assert_close(S, Sr, TOL, "S")
-    gma_ref.assert_close(n, nr, TOL, "n")

@@ -17,7 +17,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          target_kind: str = "llvm", token_dtype: str = "float32", tile: int = 0,
          wide_tiles: bool = False, mma: int = 0) -> Graph:
     g = Graph("read", layout, dims, target_kind, token_dtype, tile=tile, wide_tiles=wide_tiles,
-              mma=bool(mma), mma_warps=mma or 8)
+              mma_warps=mma)
     if tile:
         return _emit_tiled(g, kernel)
     op = kernel.main

@@ -14,7 +14,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], target_kind: str = "llv
          token_dtype: str = "float32", tile: int = 0, wide_tiles: bool = False,
          mma: int = 0) -> Graph:
     g = Graph("responsibility", layout, dims, target_kind, token_dtype, tile=tile,
-              wide_tiles=wide_tiles, mma=bool(mma), mma_warps=mma or 8)
+              wide_tiles=wide_tiles, mma_warps=mma)
     op = kernel.main
     r = g.responsibility(op, "x")
     K = dims["K"]

@@ -139,7 +139,7 @@ def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          chunk: int, target_kind: str = "llvm", token_dtype: str = "float32",
          tile: bool = False, wide_tiles: bool = False, mma: int = 0) -> Graph:
     g = Graph("scan", layout, dims, target_kind, token_dtype, tile=chunk if tile else 0,
-              wide_tiles=wide_tiles, mma=bool(mma), mma_warps=mma or 8)
+              wide_tiles=wide_tiles, mma_warps=mma)
     if tile:
         return _emit_tiled(g, kernel, present)
     op = kernel.main
@@ -274,14 +274,11 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset) -> Graph:
     # what each chunk writes (the keys' responsibilities are computed again in the
     # y kernel: recomputing [C, K] costs less than a global [B, H, N, K] buffer)
     g.group = "part"
-    # [v, 1] rounded up to whole accumulator tiles (emit_write._emit_tiled: why; and mma)
+    # [v, 1] rounded up to whole accumulator tiles (Graph.segment_columns: why); the
+    # chunk partials' own may be wider (mma)
     W = -(-(Dv + 1) // ACC_TILE) * ACC_TILE
-    layout = g.segment_layout(Dv + 1) if g.mma else None
-    if layout is not None:
-        g.seg_cols["S_chunk"], W_part = layout
-    else:
-        W_part = W
-    rk_part = g.r_operand(kernel, "rk", "kp", mma=layout is not None)
+    W_part, mma = g.segment_columns("S_chunk")
+    rk_part = g.r_operand(kernel, "rk", "kp", mma=mma)
     vx_part = value_tile(g, op.v, mask, "v_part", W_part)
     part = segment_partials(g, rk_part, vx_part, 1, "S_chunk")
     ps, s_end, n_end = state_prefix(part, s0, n0, g.target_kind != "llvm", Dv)

@@ -9,14 +9,14 @@ from typing import Any
 
 from tvm import te, tirx
 
-from .prelude import ACC_TILE, Graph
+from .prelude import Graph
 
 
 def emit(kernel: Any, layout: str, dims: dict[str, int], present: frozenset,
          target_kind: str = "llvm", token_dtype: str = "float32", tile: int = 0,
          segment_tiles: int = 1, wide_tiles: bool = False, mma: int = 0) -> Graph:
     g = Graph("write", layout, dims, target_kind, token_dtype, tile=tile, wide_tiles=wide_tiles,
-              mma=bool(mma), mma_warps=mma or 8)
+              mma_warps=mma)
     if tile:
         return _emit_tiled(g, kernel, present, segment_tiles)
     op = kernel.main
@@ -49,20 +49,8 @@ def _emit_tiled(g: Graph, kernel: Any, present: frozenset, segment_tiles: int) -
     K, Dv = g.dims["K"], g.dims["Dv"]
     B, H = g.B, g.H
     g.tile_multiple = segment_tiles  # whole segments of tile slots: no guard in the sum
-    # columns Dv + 1 rounded up to the schedule's accumulator tile (zeros past n's
-    # column): no thread's 4 x 4 accumulators straddle the end of a row, so the token
-    # loop has no per-column guard (at Dv = 64 the 17th column tile held one column,
-    # and nvcc compiled the guards of its loop to branches around every product)
-    width = -(-(Dv + 1) // ACC_TILE) * ACC_TILE
-    layout = g.segment_layout(Dv + 1) if g.mma else None
-    if layout is not None:
-        # mma: accumulator tiles shaped so that the threads are the block's warps (the
-        # logits' tensor-core tiles need whole warps): Dv = K = 64, 256 threads: 4 x 5
-        # accumulators per thread, 80 columns
-        g.seg_cols["S_seg"], width = layout
-    # with SIMT logits (mma=False) where the threads are one per 4 x 4 accumulator tile
-    # of S_seg (schedule_cuda.segment_output), not a whole number of warps
-    r = g.r_operand(kernel, "r", "k", mma=layout is not None)
+    width, mma = g.segment_columns("S_seg")
+    r = g.r_operand(kernel, "r", "k", mma=mma)
     mask = g.key_mask(op.key_mask if op.key_mask in present else None)
     vx = value_tile(g, op.v, mask, "v_ext", width)
     part = segment_partials(g, r, vx, segment_tiles, "S_seg")

@@ -93,8 +93,8 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     tile: int = 0            # > 0: per-token stages in tiles of this many tokens (cuda)
     wide_tiles: bool = False  # config knob wide_tiles: 16-bit token tiles staged as float32
-    mma: bool = False        # config knob mma: the logits' product on tensor cores ("mma" stage)
-    mma_warps: int = 8       # mma: warps per block (num_threads / 32), one 16 x 16 tile each
+    mma_warps: int = 0       # config knob mma: the block's warps (num_threads / 32), one
+                             # 16 x 16 tensor-core tile each ("mma" stages); 0: mma off
     seg_cols: dict = field(default_factory=dict)  # segment anchor -> accumulator columns
                              # per thread (TN) where not ACC_TILE (``segment_layout``)
     tile_multiple: int = 1   # tile slots of the per-token stages: ceil(N / tile) rounded up
@@ -102,6 +102,11 @@ class Graph:
     mixtures: list[tuple[str, str]] = field(default_factory=list)  # (table, its sum over k/d)
     group: str = ""          # stamped on the stages emitted next (Stage.group)
     _cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def mma(self) -> bool:
+        """Whether the logits' products run on tensor cores (config knob mma)."""
+        return self.mma_warps > 0
 
     @property
     def tile_dtype(self) -> str:
@@ -408,6 +413,24 @@ class Graph:
         tr = rows // MMA
         per = 2 * self.mma_warps
         return _pad(cols, MMA * (per // math.gcd(tr, per)))
+
+    def segment_columns(self, name: str) -> tuple[int, bool]:
+        """(columns of the [v, 1] tile, whether its kernel's logits take mma) of the
+        segment-partials kernel whose anchor is ``name`` (write: S_seg, scan: S_chunk).
+        Dv + 1 rounded up to the schedule's accumulator tile (zeros past n's column):
+        no thread's 4 x 4 accumulators straddle the end of a row, so the token loop has
+        no per-column guard (at Dv = 64 the 17th column tile held one column, and nvcc
+        compiled the guards of its loop to branches around every product).  With mma,
+        where ``segment_layout`` finds one, the accumulator tiles are 4 x TN so that
+        the threads are the block's warps (Dv = K = 64, 256 threads: 4 x 5, 80
+        columns); elsewhere the logits stay SIMT: the threads are one per 4 x 4
+        accumulator tile, not a whole number of warps."""
+        Dv = self.dims["Dv"]
+        layout = self.segment_layout(Dv + 1) if self.mma else None
+        if layout is None:
+            return -(-(Dv + 1) // ACC_TILE) * ACC_TILE, False
+        self.seg_cols[name] = layout[0]
+        return layout[1], True
 
     def segment_layout(self, width: int) -> Optional[tuple[int, int]]:
         """mma, in a kernel of segment partials [K, width] (one thread per ACC_TILE x TN
